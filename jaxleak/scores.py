@@ -1,0 +1,121 @@
+"""One result type for every measure: :class:`LayerScores`.
+
+A measure returns, per layer in forward order, a :class:`Score` with the
+headline ``value``, a 95% confidence interval where one exists, and
+measure-specific extras. ``to_dict()`` is exactly what goes into
+results.json; reports read it and never recompute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Iterator
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: NumPy/JAX scalars and arrays to Python numbers and lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """One layer's result: ``value``, optional 95% ``ci`` (low, high), and ``extras``."""
+
+    value: float
+    ci: tuple[float, float] | None = None
+    extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "value":
+            return self.value
+        if key == "ci":
+            return self.ci
+        return self.extras[key]
+
+
+class LayerScores(Mapping):
+    """Ordered mapping layer name -> :class:`Score` for one measure.
+
+    Attributes:
+      measure: e.g. ``"sensitivity"``.
+      unit: unit of ``value`` (e.g. ``"bits"``, ``"dimensionless"``).
+      meta: measure-level facts (method, probes, whether the value is a lower
+        bound or a surrogate, ...), copied into ``to_dict()``.
+    """
+
+    def __init__(self, measure: str, scores: Mapping[str, Score], *, unit: str = "", meta: Mapping | None = None):
+        self.measure = measure
+        self.unit = unit
+        self.meta = dict(meta or {})
+        self._scores = dict(scores)
+
+    def __getitem__(self, layer: str) -> Score:
+        return self._scores[layer]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._scores)
+
+    def __len__(self) -> int:
+        return len(self._scores)
+
+    def values_array(self) -> list[float]:
+        return [float(s.value) for s in self._scores.values()]
+
+    def top(self) -> str:
+        """The layer with the largest value (first in forward order on ties)."""
+        if not self._scores:
+            raise ValueError(f"measure {self.measure!r} has no layers")
+        best = max(self._scores.items(), key=lambda kv: (_finite(kv[1].value), ))
+        return best[0]
+
+    def shares(self) -> dict[str, float]:
+        """Each layer's share of the total, with negative values counted as 0."""
+        pos = {k: max(_finite(s.value), 0.0) for k, s in self._scores.items()}
+        total = sum(pos.values())
+        return {k: (v / total if total > 0 else 0.0) for k, v in pos.items()}
+
+    def ranks(self) -> dict[str, int]:
+        """Rank of each layer, 1 = largest value."""
+        order = sorted(self._scores, key=lambda k: -_finite(self._scores[k].value))
+        return {k: i + 1 for i, k in enumerate(order)}
+
+    def to_dict(self) -> dict:
+        shares, ranks = self.shares(), self.ranks()
+        layers = {}
+        for name, s in self._scores.items():
+            entry = {"value": s.value, "ci": list(s.ci) if s.ci is not None else None,
+                     "share": shares[name], "rank": ranks[name]}
+            entry.update(s.extras)
+            layers[name] = entry
+        return _plain({"measure": self.measure, "unit": self.unit, "meta": self.meta,
+                       "top": self.top() if self._scores else None, "layers": layers})
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "LayerScores":
+        """Inverse of :meth:`to_dict` (share and rank are recomputed, not stored)."""
+        scores = {}
+        for name, entry in d["layers"].items():
+            extras = {k: v for k, v in entry.items() if k not in ("value", "ci", "share", "rank")}
+            ci = tuple(entry["ci"]) if entry.get("ci") is not None else None
+            value = entry["value"] if entry["value"] is not None else float("nan")
+            scores[name] = Score(value, ci, extras)
+        return cls(d["measure"], scores, unit=d.get("unit", ""), meta=d.get("meta"))
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}={s.value:.4g}" for k, s in self._scores.items())
+        return f"LayerScores({self.measure!r}, {body})"
+
+
+def _finite(v: float) -> float:
+    v = float(v)
+    return v if math.isfinite(v) else -math.inf
