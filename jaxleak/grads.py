@@ -91,7 +91,7 @@ def per_example_grad_fn(task: Task, layers: Sequence[Layer]) -> Callable:
     grad_one = jax.grad(task.example_loss)
 
     def fn(params, x, y):
-        return task.flatten(jax.vmap(grad_one, in_axes=(None, 0, 0))(params, x, y), layers)
+        return task.flatten(jax.vmap(grad_one, in_axes=(None, 0, 0))(params, x, y), layers, batched=True)
 
     return fn
 

@@ -289,11 +289,20 @@ class Task:
         """Loss of one example: x (H, W, C), y () -> scalar (nats)."""
         return self.loss_fn(self.apply_fn(params, x[None]), y[None])[0]
 
-    def flatten(self, tree: PyTree, layers: Sequence[Layer] | None = None) -> dict[str, jax.Array]:
-        """Per-layer flat vectors of a parameter-shaped tree: {layer: (P_l,)}."""
+    def flatten(self, tree: PyTree, layers: Sequence[Layer] | None = None, *, batched: bool = False
+                ) -> dict[str, jax.Array]:
+        """Per-layer flat vectors of a parameter-shaped tree: {layer: (P_l,)}.
+
+        With ``batched=True`` every leaf has a leading batch axis B and the
+        result is {layer: (B, P_l)}.
+        """
         leaves = jax.tree.leaves(tree)
+        if batched:
+            flat = lambda a: jnp.reshape(a, (a.shape[0], -1))  # noqa: E731
+        else:
+            flat = jnp.ravel
         return {
-            layer.name: jnp.concatenate([jnp.ravel(leaves[i]) for i in layer.leaves])
+            layer.name: jnp.concatenate([flat(leaves[i]) for i in layer.leaves], axis=-1)
             for layer in (self.layers if layers is None else layers)
         }
 
