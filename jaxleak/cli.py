@@ -1,0 +1,152 @@
+"""The ``jaxleak`` command line.
+
+User errors print one line ``jaxleak: error: ...`` and exit with status 2
+(``--debug`` shows the traceback); no partial run directory is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from jaxleak.errors import InputError, JaxleakError
+
+
+def _data_option(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    if value.lower() == "none":
+        return key, None
+    return key, value
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    from jaxleak import run as run_lib
+
+    p.add_argument("--config", metavar="FILE", help="TOML file with run options (flags override it)")
+    p.add_argument("--dataset", help="data set name (see `jaxleak list datasets`); default digits")
+    p.add_argument("--data-opt", action="append", type=_data_option, default=[], metavar="KEY=VALUE",
+                   help="data set option, e.g. strength=1.0 (planted), data_dir=PATH, split=test, "
+                        "max_examples=2048, resize=32 (tfds); repeatable")
+    p.add_argument("--model", help="model name (see `jaxleak list models`); default lenet")
+    p.add_argument("--model-opt", action="append", type=_data_option, default=[], metavar="KEY=VALUE",
+                   help="model option, e.g. activation=tanh or dropout=0.25; repeatable")
+    p.add_argument("--seed", type=int, help="seed of everything random; default 0")
+    p.add_argument("--n", type=int, help="number of held-out examples measured; default 256")
+    p.add_argument("--epochs", type=int, help="training epochs before measuring (0 = at initialisation); default 2")
+    p.add_argument("--lr", type=float, help="training learning rate (Adam); default 1e-3")
+    p.add_argument("--batch-size", type=int, help="training batch size; default 64")
+    p.add_argument("--latent", help="latent attribute for latent measures; default thickness")
+    p.add_argument("--measures", help=f"comma-separated measures; default all of {run_lib.measure_names()}")
+    p.add_argument("--probes", type=int, help="Hutchinson probes for sensitivity; default 16")
+    p.add_argument("--permutations", type=int, help="permutations for the subspace null; default 20")
+    p.add_argument("--sketch-dim", type=int, help="width of gradient sketches; default 1024")
+    p.add_argument("--chunk-size", type=int, help="examples per compiled chunk (memory bound)")
+    p.add_argument("--params", metavar="FILE", help="model parameters: flax msgpack file or orbax checkpoint folder")
+    p.add_argument("--out", metavar="DIR", help="run directory; default runs/<timestamp>")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR (same options)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+_RUN_FLAGS = {
+    "dataset": "dataset", "model": "model", "seed": "seed", "n": "n", "epochs": "epochs", "lr": "lr",
+    "batch_size": "batch_size", "latent": "latent", "measures": "measures", "probes": "probes",
+    "permutations": "permutations", "sketch_dim": "sketch_dim", "chunk_size": "chunk_size", "params": "params",
+}
+
+
+def _run_config(args):
+    from jaxleak import run as run_lib
+
+    options = run_lib.config_from_toml(args.config) if args.config else {}
+    for attr, field in _RUN_FLAGS.items():
+        value = getattr(args, attr)
+        if value is not None:
+            options[field] = value
+    if args.data_opt:
+        options["data_options"] = {**options.get("data_options", {}), **dict(args.data_opt)}
+    if args.model_opt:
+        options["model_options"] = {**options.get("model_options", {}), **dict(args.model_opt)}
+    options = run_lib.validate_options(options, source="command line")
+    return run_lib.RunConfig(**options)
+
+
+def cmd_run(args) -> int:
+    from jaxleak import run as run_lib
+
+    config = _run_config(args)
+    out = args.resume or args.out
+    if args.resume and args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+        raise InputError("--out and --resume name different directories; give only --resume DIR")
+    results = run_lib.run(config, out=out, resume=bool(args.resume), progress=not args.no_progress)
+    print(run_lib.format_table(results))
+    acc = results["training"]["test_accuracy"]
+    print(f"\n{results['model']['name']} on {results['dataset']['name']}: test accuracy {acc:.3f} "
+          f"after {config.epochs} epoch(s); {results['dataset']['n_measured']} examples measured")
+    print(f"wrote {results['out']}/results.json ({results['timing']['total_s']:.1f} s)")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from jaxleak import data, models
+    from jaxleak import run as run_lib
+
+    if args.what == "models":
+        for name in models.names():
+            print(name)
+    elif args.what == "datasets":
+        for name in data.names():
+            print(name)
+    else:
+        for name in run_lib.measure_names():
+            print(name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxleak import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="jaxleak",
+        description="Quantify and localize private information leakage from neural network gradients, layer by layer.",
+    )
+    parser.add_argument("--version", action="version", version=f"jaxleak {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p_run = sub.add_parser("run", help="measure leakage per layer on a data set and model")
+    _add_run_arguments(p_run)
+    p_run.set_defaults(func=cmd_run)
+    p_list = sub.add_parser("list", help="list models, data sets or measures")
+    p_list.add_argument("what", choices=["models", "datasets", "measures"])
+    p_list.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except JaxleakError as err:
+        if args.debug:
+            raise
+        print(f"jaxleak: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxleak: interrupted; finished results are kept (continue with --resume DIR)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""The main job behind ``jaxleak run``: every measure, per layer, into a run directory.
+
+Data flows one way: data set -> task (trained for ``epochs``) -> measures ->
+results. Each finished measure is written to ``<out>/parts/<measure>.json`` at
+once (atomically), so an interrupted run can be resumed and loses nothing;
+``results.json`` and ``layers.csv`` are assembled from the parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import json
+import os
+import platform
+import shutil
+import time
+import tomllib
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxleak import data as data_lib
+from jaxleak import io
+from jaxleak.errors import ConfigError, InputError, JaxleakError, UnknownNameError
+from jaxleak.scores import LayerScores
+from jaxleak.task import Task
+
+SCHEMA = "jaxleak.results/1"
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that decides a run's numbers (written to results.json as ``config``)."""
+
+    dataset: str = "digits"
+    model: str = "lenet"
+    seed: int = 0
+    n: int = 256
+    epochs: int = 2
+    train_fraction: float = 0.7
+    batch_size: int = 64
+    lr: float = 1e-3
+    latent: str = "thickness"
+    measures: tuple[str, ...] = ()
+    chunk_size: int | None = None
+    probes: int = 16
+    permutations: int = 20
+    sketch_dim: int = 1024
+    params: str | None = None
+    data_options: dict = dataclasses.field(default_factory=dict)
+    model_options: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.measures:
+            self.measures = tuple(default_measures())
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["measures"] = list(self.measures)
+        return d
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(RunConfig)]
+
+
+def config_from_toml(path: str) -> dict:
+    """Options from a TOML file, validated against :class:`RunConfig`'s fields.
+
+    An unknown key is a :class:`ConfigError` suggesting the closest valid one.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {path!r} does not exist") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {err}") from err
+    return validate_options(raw, source=f"config file {path!r}")
+
+
+def validate_options(raw: dict, source: str = "options") -> dict:
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    out = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {sorted(fields)}"
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+        expected = fields[key].type
+        if key in ("data_options", "model_options") and not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key!r} must be a table, got {type(value).__name__}")
+        if key == "measures":
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{source}: 'measures' must be a list of names")
+            value = tuple(value)
+        elif expected in ("int", "int | None") and value is not None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{source}: {key!r} must be an integer, got {value!r}")
+        elif expected == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{source}: {key!r} must be a number, got {value!r}")
+        elif expected in ("str", "str | None") and value is not None and not isinstance(value, str):
+            raise ConfigError(f"{source}: {key!r} must be a string, got {value!r}")
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------- measures
+
+
+@dataclasses.dataclass(frozen=True)
+class Measure:
+    """A measure the run can compute: where it goes in results.json and how it is shown."""
+
+    key: str  # dotted path under results["measures"]
+    column: str  # table header
+    show: str  # which per-layer field the table shows
+    ylabel: str
+    compute: Callable[["Context"], LayerScores]
+    needs_latent: bool = False
+
+
+@dataclasses.dataclass
+class Context:
+    config: RunConfig
+    task: Task
+    x: np.ndarray
+    y: np.ndarray
+    z: np.ndarray | None
+    progress: bool
+
+
+def _grad_norm(ctx: Context) -> LayerScores:
+    from jaxleak.gradnorm import grad_norms
+
+    return grad_norms(ctx.task, ctx.x, ctx.y, chunk_size=ctx.config.chunk_size, progress=ctx.progress)
+
+
+_REGISTRY: dict[str, Measure] = {
+    "grad_norm": Measure("grad_norm", "grad norm", "value", "mean ||g_l||", _grad_norm),
+}
+
+
+def register(measure: Measure) -> None:
+    _REGISTRY[measure.key] = measure
+
+
+def default_measures() -> list[str]:
+    return list(_REGISTRY)
+
+
+def measure_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def environment() -> dict:
+    devices = jax.devices()
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device_count": len(devices),
+        "device_kind": devices[0].device_kind,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def default_out_dir() -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", stamp)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What a run measures on, built and validated before anything is written."""
+
+    config: RunConfig
+    dataset: data_lib.Dataset
+    task: Task
+    x: np.ndarray
+    y: np.ndarray
+    z: np.ndarray | None
+    train_info: dict
+
+
+def prepare(config: RunConfig, *, progress: bool = True) -> Prepared:
+    """Load data, build and train the model, pick the measured examples; validate all options."""
+    from jaxleak import models
+    from jaxleak.train import accuracy, train
+
+    unknown = [m for m in config.measures if m not in _REGISTRY]
+    if unknown:
+        raise UnknownNameError(f"unknown measure(s) {unknown}; choose from {measure_names()}")
+    for name in ("n", "probes", "sketch_dim", "batch_size"):
+        if getattr(config, name) < 1:
+            raise InputError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.permutations < 1:
+        raise InputError(f"permutations must be >= 1, got {config.permutations}")
+    if config.epochs < 0:
+        raise InputError(f"epochs must be >= 0, got {config.epochs}")
+    if not 0.0 < config.train_fraction < 1.0:
+        raise InputError(f"train_fraction must be in (0, 1), got {config.train_fraction}")
+    if config.model not in models.names():
+        raise UnknownNameError(f"unknown model {config.model!r}; choose one of {models.names()}")
+    dataset = data_lib.load(config.dataset, **config.data_options)
+    needs_latent = any(_REGISTRY[m].needs_latent for m in config.measures)
+    if needs_latent and config.latent not in dataset.latent:
+        raise UnknownNameError(
+            f"data set {dataset.name!r} has no latent attribute {config.latent!r}; "
+            f"choose one of {sorted(dataset.latent)}"
+        )
+    task = Task.init(config.model, dataset, config.seed, **config.model_options)
+    if config.params:
+        from jaxleak.checkpoint import load_params
+
+        task = task.with_params(load_params(config.params, task.params))
+    train_set, eval_set = dataset.split(config.train_fraction, seed=config.seed)
+    if eval_set.n < 2 or train_set.n < 1:
+        raise InputError(f"data set {dataset.name!r} has only {dataset.n} examples; too few to split")
+    result = train(task, train_set.x, train_set.y, epochs=config.epochs, batch_size=config.batch_size,
+                   lr=config.lr, seed=config.seed, progress=progress)
+    task = result.task
+    measured = eval_set.subset(slice(0, config.n))
+    train_info = {
+        "epochs": config.epochs,
+        "train_examples": train_set.n,
+        "eval_examples": eval_set.n,
+        "train_loss": result.losses,
+        "test_accuracy": accuracy(task, eval_set.x, eval_set.y),
+    }
+    z = measured.latent.get(config.latent)
+    return Prepared(config, dataset, task, measured.x, measured.y, z, train_info)
+
+
+def _set_nested(d: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def _get_nested(d: dict, dotted: str):
+    for p in dotted.split("."):
+        d = d[p]
+    return d
+
+
+def _part_path(out: str, key: str) -> str:
+    return os.path.join(out, "parts", f"{key}.json")
+
+
+def _check_resume(out: str, config: RunConfig) -> None:
+    path = os.path.join(out, "config.json")
+    if not os.path.isfile(path):
+        raise InputError(f"cannot resume {out!r}: it has no config.json (is it a jaxleak run directory?)")
+    with open(path) as f:
+        saved = json.load(f)
+    if saved != config.to_dict():
+        diff = sorted(k for k in set(saved) | set(config.to_dict()) if saved.get(k) != config.to_dict().get(k))
+        raise ConfigError(f"cannot resume {out!r}: its configuration differs in {diff}; "
+                          f"resume with the same options (they are in {path})")
+
+
+def run(config: RunConfig, *, out: str | None = None, resume: bool = False, progress: bool = True,
+        on_measure: Callable[[str, LayerScores], None] | None = None) -> dict:
+    """Run every configured measure and write the run directory; returns results.json's content.
+
+    Files: ``config.json``, ``parts/<measure>.json`` (each written as soon as
+    it is done), ``results.json`` (schema ``jaxleak.results/1``),
+    ``layers.csv``, ``params.msgpack`` (the measured parameters) and one PNG
+    bar chart per measure. With ``resume=True`` the finished parts of ``out``
+    are kept and only the missing measures are computed.
+
+    Invalid options fail before the directory is created. If a measure fails
+    with a :class:`JaxleakError` in a fresh run, the directory is removed; an
+    interruption (Ctrl-C) keeps it for ``resume``.
+    """
+    started = time.time()
+    out = out or default_out_dir()
+    if resume:
+        _check_resume(out, config)
+    elif os.path.exists(out) and os.listdir(out):
+        raise InputError(f"output directory {out!r} exists and is not empty; choose another --out "
+                         f"or continue it with --resume")
+    t0 = time.time()
+    prep = prepare(config, progress=progress)
+    timing = {"prepare_s": time.time() - t0}
+    created = not os.path.exists(out)
+    try:
+        os.makedirs(os.path.join(out, "parts"), exist_ok=True)
+        if not resume:
+            io.write_json(os.path.join(out, "config.json"), config.to_dict())
+        from jaxleak.checkpoint import save_params
+
+        save_params(os.path.join(out, "params.msgpack"), prep.task.params)
+        ctx = Context(config, prep.task, prep.x, prep.y, prep.z, progress)
+        measures: dict[str, Any] = {}
+        for key in config.measures:
+            part = _part_path(out, key)
+            if resume and os.path.isfile(part):
+                with open(part) as f:
+                    entry = json.load(f)
+                timing[key + "_s"] = entry.get("seconds")
+            else:
+                t0 = time.time()
+                scores = _REGISTRY[key].compute(ctx)
+                entry = scores.to_dict()
+                entry["seconds"] = time.time() - t0
+                io.write_json(part, entry)
+                timing[key + "_s"] = entry["seconds"]
+                if on_measure is not None:
+                    on_measure(key, scores)
+            _set_nested(measures, key, {k: v for k, v in entry.items() if k != "seconds"})
+        timing["total_s"] = time.time() - started
+        timing["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+        results = {
+            "schema": SCHEMA,
+            "config": config.to_dict(),
+            "dataset": {
+                "name": prep.dataset.name,
+                "n": prep.dataset.n,
+                "n_measured": int(prep.x.shape[0]),
+                "input_shape": list(prep.dataset.input_shape),
+                "num_classes": prep.dataset.num_classes,
+                "latent": sorted(prep.dataset.latent),
+                "latent_descriptions": dict(prep.dataset.descriptions),
+            },
+            "model": {
+                "name": config.model,
+                "num_params": prep.task.num_params,
+                "layers": [{"name": layer.name, "params": layer.size} for layer in prep.task.layers],
+            },
+            "training": prep.train_info,
+            "measures": measures,
+            "top_layers": {key: _get_nested(measures, key).get("top") for key in config.measures},
+            "environment": environment(),
+            "timing": timing,
+        }
+        io.write_json(os.path.join(out, "results.json"), results)
+        write_layers_csv(os.path.join(out, "layers.csv"), results)
+        draw_figures(out, results)
+    except JaxleakError:
+        if created and not resume:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    results["out"] = out
+    return results
+
+
+def _shown(key: str, layer_entry: dict) -> Any:
+    return layer_entry.get(_REGISTRY[key].show) if key in _REGISTRY else layer_entry.get("value")
+
+
+def write_layers_csv(path: str, results: dict) -> None:
+    """One row per layer: name, parameter count, and each measure's shown value."""
+    keys = [k for k in results["config"]["measures"]]
+    header = ["layer", "params"] + [f"{k}.{_REGISTRY[k].show}" if k in _REGISTRY else k for k in keys]
+    rows = []
+    for layer in results["model"]["layers"]:
+        row = [layer["name"], layer["params"]]
+        for k in keys:
+            row.append(_shown(k, _get_nested(results["measures"], k)["layers"].get(layer["name"], {})))
+        rows.append(row)
+    io.write_csv(path, header, rows)
+
+
+def draw_figures(out: str, results: dict) -> None:
+    from jaxleak.plots import layer_bars
+
+    for key in results["config"]["measures"]:
+        m = _REGISTRY.get(key)
+        if m is None:
+            continue
+        entry = _get_nested(results["measures"], key)
+        layer_bars(entry, os.path.join(out, f"{key}.png"), value_key=m.show, ylabel=m.ylabel,
+                   title=f"{key} per layer ({results['model']['name']} on {results['dataset']['name']})")
+
+
+def format_table(results: dict) -> str:
+    """The per-layer table printed by ``jaxleak run``."""
+    keys = results["config"]["measures"]
+    cols = ["layer", "params"] + [_REGISTRY[k].column if k in _REGISTRY else k for k in keys]
+    rows = []
+    for layer in results["model"]["layers"]:
+        row = [layer["name"], f"{layer['params']:,}"]
+        for k in keys:
+            v = _shown(k, _get_nested(results["measures"], k)["layers"].get(layer["name"], {}))
+            row.append("-" if v is None else f"{v:.4g}")
+        rows.append(row)
+    top = ["top layer", ""] + [str(results["top_layers"].get(k)) for k in keys]
+    widths = [max(len(str(r[i])) for r in [cols, top, *rows]) for i in range(len(cols))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cols), sep, *map(line, rows), sep, line(top)])

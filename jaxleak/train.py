@@ -1,0 +1,96 @@
+"""Training a task's model with optax (to study measures at a training stage)."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxleak.errors import InputError
+from jaxleak.task import Task
+
+
+class TrainResult(NamedTuple):
+    """The trained task and, per epoch, the mean training loss (nats)."""
+
+    task: Task
+    losses: list[float]
+
+
+def _step_fn(task: Task, optimizer: optax.GradientTransformation, use_dropout: bool) -> Callable:
+    key = ("train_step", id(optimizer), use_dropout)
+
+    def build():
+        def loss(params, x, y, rng):
+            logits = task.train_apply_fn(params, x, rng) if use_dropout else task.apply_fn(params, x)
+            return jnp.mean(task.loss_fn(logits, y))
+
+        def step(params, opt_state, x, y, rng):
+            value, grads = jax.value_and_grad(loss)(params, x, y, rng)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, value
+
+        return jax.jit(step)
+
+    return task.cached(key, build)
+
+
+_OPTIMIZERS: dict = {}
+
+
+def _adam(lr: float) -> optax.GradientTransformation:
+    # One optimizer object per learning rate keeps the compiled step reusable.
+    if lr not in _OPTIMIZERS:
+        _OPTIMIZERS[lr] = optax.adam(lr)
+    return _OPTIMIZERS[lr]
+
+
+def train(task: Task, x, y, *, epochs: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+          dropout: bool = True, progress: bool = False) -> TrainResult:
+    """Train with Adam on shuffled mini-batches for ``epochs`` epochs.
+
+    Dropout (if the model has it) is active during training when ``dropout``
+    is True. The last incomplete batch of each epoch is dropped so the step
+    compiles once. Returns a new task; the input task is not modified.
+    """
+    x, y = task.check_inputs(x, y)
+    if epochs < 0:
+        raise InputError(f"epochs must be >= 0, got {epochs}")
+    if epochs == 0:
+        return TrainResult(task, [])
+    batch_size = int(min(batch_size, x.shape[0]))
+    optimizer = _adam(float(lr))
+    use_dropout = bool(dropout and task.train_apply_fn is not None)
+    step = _step_fn(task, optimizer, use_dropout)
+    params = task.params
+    opt_state = optimizer.init(params)
+    key = jax.random.key(seed)
+    losses = []
+    epoch_iter = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epoch_iter = tqdm(epoch_iter, desc="training", unit="epoch", leave=False)
+    for epoch in epoch_iter:
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), x.shape[0]))
+        batch_losses = []
+        for b in range(x.shape[0] // batch_size):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            rng = jax.random.fold_in(jax.random.fold_in(key, epoch), b + 1_000_003)
+            params, opt_state, value = step(params, opt_state, x[idx], y[idx], rng)
+            batch_losses.append(value)
+        losses.append(float(np.mean(jax.device_get(batch_losses))))
+    return TrainResult(task.with_params(params), losses)
+
+
+def accuracy(task: Task, x, y, *, batch_size: int = 512) -> float:
+    """Fraction of examples whose arg-max logit equals the label."""
+    x, y = task.check_inputs(x, y)
+    predict = task.cached("predict", lambda: jax.jit(lambda p, xb: jnp.argmax(task.apply_fn(p, xb), -1)))
+    correct = 0
+    for start in range(0, x.shape[0], batch_size):
+        correct += int(np.sum(np.asarray(predict(task.params, x[start:start + batch_size])) == y[start:start + batch_size]))
+    return correct / x.shape[0]
