@@ -326,7 +326,7 @@ def from_tfds(
             f"TFDS data set {name!r} (split {split!r}) is not prepared in {where} and jaxleak "
             f"never downloads. Prepare it on a machine with network access with "
             f"`tfds build {name} --file_format=array_record` (or "
-            f"`tfds.data_source({name!r}, download=True)`), then pass --data-dir / data_dir. "
+            f"`tfds.data_source({name!r}, download=True)`), then pass data_dir=PATH (CLI: --data-opt data_dir=PATH). "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
         ) from err
     n_total = len(source)

@@ -39,10 +39,10 @@ class RunConfig:
     model: str = "lenet"
     seed: int = 0
     n: int = 256
-    epochs: int = 2
+    epochs: int = 5
     train_fraction: float = 0.7
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-3
     latent: str = "thickness"
     measures: tuple[str, ...] = ()
     chunk_size: int | None = None

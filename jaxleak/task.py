@@ -223,10 +223,10 @@ class Task:
         from flax import nnx
 
         graphdef, state, rest = nnx.split(module, nnx.Param, ...)
-        params = state.to_pure_dict()
+        params = nnx.to_pure_dict(state)
 
         def apply_fn(p, x):
-            st = nnx.State(state)
+            st = jax.tree.map(lambda v: v, state)  # a fresh container; the module is not mutated
             nnx.replace_by_pure_dict(st, p)
             return nnx.merge(graphdef, st, rest)(x)
 
