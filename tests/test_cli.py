@@ -1,0 +1,173 @@
+"""The command line as a user calls it, in-process (main(argv)) to share compiled code."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxleak import cli
+from jaxleak import run as run_lib
+
+SMALL = ["--n", "24", "--epochs", "1", "--measures", "grad_norm", "--no-progress"]
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    assert "run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("what,expected", [("models", "resnet18"), ("datasets", "tfds:celeb_a"),
+                                           ("measures", "grad_norm")])
+def test_list(capsys, what, expected):
+    assert cli.main(["list", what]) == 0
+    assert expected in capsys.readouterr().out.split()
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "r"
+    code = cli.main(["run", "--out", str(out), *SMALL])
+    return code, out
+
+
+def test_run_writes_run_directory(small_run, capsys):
+    code, out = small_run
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "jaxleak.results/1"
+    assert results["dataset"]["name"] == "digits" and results["dataset"]["n_measured"] == 24
+    assert set(results["dataset"]["latent"]) == {"thickness", "slant"}
+    names = [layer["name"] for layer in results["model"]["layers"]]
+    assert names == ["Conv_0", "Conv_1", "Dense_0", "Dense_1", "Dense_2"]
+    assert results["model"]["layers"][0]["params"] == 156
+    norms = results["measures"]["grad_norm"]["layers"]
+    assert list(norms) == names
+    assert all(v["value"] > 0 and v["ci"][0] <= v["value"] <= v["ci"][1] for v in norms.values())
+    for key in ("jax", "backend", "device_count"):
+        assert key in results["environment"]
+    assert results["timing"]["total_s"] > 0
+    rows = (out / "layers.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("layer,params") and len(rows) == 6
+    assert (out / "grad_norm.png").stat().st_size > 1000
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_run_matches_independent_norms(small_run):
+    """The table's gradient norms are the norms of a batch-of-one gradient loop."""
+    import jax
+
+    import jaxleak as jl
+    from jaxleak.checkpoint import load_params
+
+    _, out = small_run
+    results = json.loads((out / "results.json").read_text())
+    ds = jl.data.load("digits")
+    _, eval_set = ds.split(0.7, seed=0)
+    task = jl.Task.init("lenet", ds, 0)
+    task = task.with_params(load_params(str(out / "params.msgpack"), task.params))
+    x, y = eval_set.x[:24], eval_set.y[:24]
+    grad = jax.grad(task.loss)
+    norms = {n: [] for n in task.layer_names}
+    for i in range(24):
+        for n, v in task.flatten(grad(task.params, x[i:i + 1], y[i:i + 1])).items():
+            norms[n].append(float(np.linalg.norm(v)))
+    for n in task.layer_names:
+        np.testing.assert_allclose(results["measures"]["grad_norm"]["layers"][n]["value"], np.mean(norms[n]),
+                                   rtol=1e-5)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "lenet9"], "unknown model 'lenet9'"),
+    (["--dataset", "mnistt"], "unknown data set 'mnistt'"),
+    (["--measures", "grad_norm,sensitivty"], "unknown measure"),
+    (["--n", "0"], "n must be >= 1"),
+    (["--data-opt", "strength=-1", "--dataset", "planted"], "strength"),
+])
+def test_user_errors_exit_nonzero_without_directory(tmp_path, capsys, argv, message):
+    out = tmp_path / "bad"
+    code = cli.main(["run", "--out", str(out), *SMALL, *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.startswith("jaxleak: error:") and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_bad_npz_input(tmp_path, capsys):
+    path = tmp_path / "bad.npz"
+    np.savez(path, x=np.zeros((5, 8, 8, 1)), y=np.zeros(4, int))
+    code = cli.main(["run", "--dataset", f"npz:{path}", "--out", str(tmp_path / "o"), *SMALL])
+    assert code == 2
+    assert "length mismatch" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_not_overwritten(small_run, capsys):
+    _, out = small_run
+    before = (out / "results.json").read_bytes()
+    assert cli.main(["run", "--out", str(out), *SMALL]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_debug_shows_traceback(tmp_path):
+    from jaxleak.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError):
+        cli.main(["--debug", "run", "--out", str(tmp_path / "x"), "--model", "nope", *SMALL])
+
+
+def test_config_file_and_override(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('model = "mlp"\nn = 16\nepochs = 0\nmeasures = ["grad_norm"]\n')
+    out = tmp_path / "c"
+    assert cli.main(["run", "--config", str(cfg), "--n", "12", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["model"] == "mlp" and results["config"]["n"] == 12
+
+
+def test_config_unknown_key_suggests(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('modle = "mlp"\n')
+    assert cli.main(["run", "--config", str(cfg), "--out", str(tmp_path / "c")]) == 2
+    assert "did you mean 'model'" in capsys.readouterr().err
+
+
+def test_params_mismatch_names_path(tmp_path, capsys, small_run):
+    from flax import serialization
+
+    path = tmp_path / "p.msgpack"
+    path.write_bytes(serialization.msgpack_serialize({"Conv_0": {"kernel": np.zeros((5, 5, 1, 6))}}))
+    assert cli.main(["run", "--params", str(path), "--out", str(tmp_path / "o"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "parameters" in err and "missing" in err
+
+
+def test_resume_keeps_finished_parts(small_run, tmp_path):
+    _, out = small_run
+    copy = tmp_path / "resumed"
+    import shutil
+
+    shutil.copytree(out, copy)
+    os.remove(copy / "results.json")
+    part = copy / "parts" / "grad_norm.json"
+    marker = json.loads(part.read_text())
+    assert cli.main(["run", "--resume", str(copy), *SMALL]) == 0
+    assert json.loads(part.read_text()) == marker
+    a = json.loads((out / "results.json").read_text())
+    b = json.loads((copy / "results.json").read_text())
+    a.pop("timing"), b.pop("timing")
+    assert a == b
+
+
+def test_resume_with_other_options_is_refused(small_run, tmp_path, capsys):
+    _, out = small_run
+    assert cli.main(["run", "--resume", str(out), *SMALL, "--seed", "3"]) == 2
+    assert "differs in ['seed']" in capsys.readouterr().err
+
+
+def test_run_config_validation():
+    with pytest.raises(Exception, match="integer"):
+        run_lib.validate_options({"n": "many"})
