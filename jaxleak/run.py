@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxleak import data as data_lib
 from jaxleak import io
+from jaxleak import measures as measures_lib
 from jaxleak.errors import ConfigError, InputError, JaxleakError, UnknownNameError
 from jaxleak.scores import LayerScores
 from jaxleak.task import Task
@@ -110,52 +111,12 @@ def validate_options(raw: dict, source: str = "options") -> dict:
     return out
 
 
-# ---------------------------------------------------------------- measures
-
-
-@dataclasses.dataclass(frozen=True)
-class Measure:
-    """A measure the run can compute: where it goes in results.json and how it is shown."""
-
-    key: str  # dotted path under results["measures"]
-    column: str  # table header
-    show: str  # which per-layer field the table shows
-    ylabel: str
-    compute: Callable[["Context"], LayerScores]
-    needs_latent: bool = False
-
-
-@dataclasses.dataclass
-class Context:
-    config: RunConfig
-    task: Task
-    x: np.ndarray
-    y: np.ndarray
-    z: np.ndarray | None
-    progress: bool
-
-
-def _grad_norm(ctx: Context) -> LayerScores:
-    from jaxleak.gradnorm import grad_norms
-
-    return grad_norms(ctx.task, ctx.x, ctx.y, chunk_size=ctx.config.chunk_size, progress=ctx.progress)
-
-
-_REGISTRY: dict[str, Measure] = {
-    "grad_norm": Measure("grad_norm", "grad norm", "value", "mean ||g_l||", _grad_norm),
-}
-
-
-def register(measure: Measure) -> None:
-    _REGISTRY[measure.key] = measure
-
-
 def default_measures() -> list[str]:
-    return list(_REGISTRY)
+    return measures_lib.names()
 
 
 def measure_names() -> list[str]:
-    return list(_REGISTRY)
+    return measures_lib.names()
 
 
 # ---------------------------------------------------------------- the run
@@ -197,7 +158,7 @@ def prepare(config: RunConfig, *, progress: bool = True) -> Prepared:
     from jaxleak import models
     from jaxleak.train import accuracy, train
 
-    unknown = [m for m in config.measures if m not in _REGISTRY]
+    unknown = [m for m in config.measures if m not in measures_lib.REGISTRY]
     if unknown:
         raise UnknownNameError(f"unknown measure(s) {unknown}; choose from {measure_names()}")
     for name in ("n", "probes", "sketch_dim", "batch_size"):
@@ -212,7 +173,7 @@ def prepare(config: RunConfig, *, progress: bool = True) -> Prepared:
     if config.model not in models.names():
         raise UnknownNameError(f"unknown model {config.model!r}; choose one of {models.names()}")
     dataset = data_lib.load(config.dataset, **config.data_options)
-    needs_latent = any(_REGISTRY[m].needs_latent for m in config.measures)
+    needs_latent = any(measures_lib.get(m).needs_latent for m in config.measures)
     if needs_latent and config.latent not in dataset.latent:
         raise UnknownNameError(
             f"data set {dataset.name!r} has no latent attribute {config.latent!r}; "
@@ -302,7 +263,7 @@ def run(config: RunConfig, *, out: str | None = None, resume: bool = False, prog
         from jaxleak.checkpoint import save_params
 
         save_params(os.path.join(out, "params.msgpack"), prep.task.params)
-        ctx = Context(config, prep.task, prep.x, prep.y, prep.z, progress)
+        opts = measure_options(config)
         measures: dict[str, Any] = {}
         for key in config.measures:
             part = _part_path(out, key)
@@ -312,7 +273,7 @@ def run(config: RunConfig, *, out: str | None = None, resume: bool = False, prog
                 timing[key + "_s"] = entry.get("seconds")
             else:
                 t0 = time.time()
-                scores = _REGISTRY[key].compute(ctx)
+                scores = measures_lib.get(key).compute(prep.task, prep.x, prep.y, prep.z, opts, progress)
                 entry = scores.to_dict()
                 entry["seconds"] = time.time() - t0
                 io.write_json(part, entry)
@@ -341,7 +302,8 @@ def run(config: RunConfig, *, out: str | None = None, resume: bool = False, prog
             },
             "training": prep.train_info,
             "measures": measures,
-            "top_layers": {key: _get_nested(measures, key).get("top") for key in config.measures},
+            "top_layers": {key: top_layer(_get_nested(measures, key), _column_field(key))
+                           for key in config.measures},
             "environment": environment(),
             "timing": timing,
         }
@@ -356,14 +318,36 @@ def run(config: RunConfig, *, out: str | None = None, resume: bool = False, prog
     return results
 
 
+def measure_options(config: RunConfig) -> dict:
+    """The run-level settings every measure may read."""
+    return {"seed": config.seed, "chunk_size": config.chunk_size, "probes": config.probes,
+            "permutations": config.permutations, "sketch_dim": config.sketch_dim}
+
+
 def _shown(key: str, layer_entry: dict) -> Any:
-    return layer_entry.get(_REGISTRY[key].show) if key in _REGISTRY else layer_entry.get("value")
+    m = measures_lib.REGISTRY.get(key)
+    return layer_entry.get(m.show if m else "value")
+
+
+def top_layer(entry: dict, field: str = "value") -> str | None:
+    """The layer with the largest ``field`` (the measure's headline, e.g. the subspace excess)."""
+    best, best_value = None, None
+    for name, layer in entry["layers"].items():
+        v = layer.get(field)
+        if v is not None and (best_value is None or v > best_value):
+            best, best_value = name, v
+    return best
+
+
+def _column_field(key: str) -> str:
+    m = measures_lib.REGISTRY.get(key)
+    return m.show if m else "value"
 
 
 def write_layers_csv(path: str, results: dict) -> None:
     """One row per layer: name, parameter count, and each measure's shown value."""
     keys = [k for k in results["config"]["measures"]]
-    header = ["layer", "params"] + [f"{k}.{_REGISTRY[k].show}" if k in _REGISTRY else k for k in keys]
+    header = ["layer", "params"] + [f"{k}.{_column_field(k)}" for k in keys]
     rows = []
     for layer in results["model"]["layers"]:
         row = [layer["name"], layer["params"]]
@@ -377,7 +361,7 @@ def draw_figures(out: str, results: dict) -> None:
     from jaxleak.plots import layer_bars
 
     for key in results["config"]["measures"]:
-        m = _REGISTRY.get(key)
+        m = measures_lib.REGISTRY.get(key)
         if m is None:
             continue
         entry = _get_nested(results["measures"], key)
@@ -388,7 +372,8 @@ def draw_figures(out: str, results: dict) -> None:
 def format_table(results: dict) -> str:
     """The per-layer table printed by ``jaxleak run``."""
     keys = results["config"]["measures"]
-    cols = ["layer", "params"] + [_REGISTRY[k].column if k in _REGISTRY else k for k in keys]
+    cols = ["layer", "params"] + [measures_lib.REGISTRY[k].column if k in measures_lib.REGISTRY else k
+                                  for k in keys]
     rows = []
     for layer in results["model"]["layers"]:
         row = [layer["name"], f"{layer['params']:,}"]
