@@ -1,0 +1,631 @@
+"""Reconstruction attacks by gradient matching: DLG and Inverting Gradients.
+
+The attacker observes a shared update ``u`` (per layer, METHOD section 1),
+knows the model and its parameters, and optimises a dummy batch x' (and
+dummy labels when the labels are unknown) until the update it would produce
+matches ``u`` (METHOD section 4):
+
+- ``"dlg"``, Deep Leakage from Gradients (Zhu, Liu, Han, NeurIPS 2019):
+  L2 matching, ``sum_l w_l ||u'_l - u_l||^2``; x' unconstrained during the
+  optimisation (the result is clipped to [0, 1]).
+- ``"ig"``, Inverting Gradients (Geiping, Bauermeister, Droege, Moeller,
+  NeurIPS 2020): cosine distance over the matched layers concatenated,
+  ``1 - <u', u>_w / (||u'||_w ||u||_w)``, plus ``tv`` times the total
+  variation of x'; signed gradients, x' projected onto [0, 1] after every
+  step.
+
+Both use Adam with the learning rate divided by 10 at 3/8, 5/8 and 7/8 of
+the steps (Geiping et al.'s schedule). ``w_l`` is 1 for the matched layers;
+per-layer attacks (:func:`invert_layers`) run one one-hot ``w`` per layer.
+
+Labels: given; recovered from the last layer's bias gradient for B = 1
+(iDLG, Zhao, Mopuri, Bilen 2020: for softmax cross-entropy the bias gradient
+is ``softmax(logits) - onehot(y)``, whose only negative entry is at y, so
+the rule is exact; it stays exact for the mean over K local steps); or
+optimised jointly as soft labels (DLG), which is the default for B > 1.
+
+Restarts, victims (and layers for per-layer attacks) run in parallel: one
+jitted ``lax.scan`` over steps of a vmapped Adam step. The best restart is
+the one with the lowest final matching loss; the ground truth is never
+consulted. :func:`score` compares reconstructions with originals (MSE,
+PSNR, SSIM), matching them by the Hungarian assignment when B > 1.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.optimize
+
+from jaxleak import metrics
+from jaxleak.errors import InputError, NonFiniteError
+from jaxleak.grads import TRACE_COUNTS
+from jaxleak.scores import LayerScores, Score
+from jaxleak.task import Layer, Task
+
+METHODS = ("ig", "dlg")
+
+# Defaults per method: Adam learning rate, total-variation weight, signed
+# gradients, projection onto [0, 1] during the optimisation.
+_DEFAULTS = {
+    "ig": {"lr": 0.1, "tv": 1e-4, "signed": True, "box": True},
+    "dlg": {"lr": 0.1, "tv": 0.0, "signed": False, "box": False},
+}
+DEFAULT_STEPS = 1000
+
+
+class InversionResult(NamedTuple):
+    """Reconstructions of V victims' batches.
+
+    Attributes:
+      x: (V, B, H, W, C) reconstruction from the best restart, in [0, 1].
+      labels: (V, B) integer labels used: given, recovered, or the argmax of
+        the optimised soft labels (see ``label_source``).
+      label_source: ``"given"``, ``"recovered"`` or ``"optimized"``.
+      loss: (V,) gradient-matching loss (without the TV term) of the chosen
+        restart at its final x.
+      restart_losses: (V, R) final matching loss of every restart.
+      best_restart: (V,) index of the chosen restart (lowest matching loss).
+      trace: (V, R, steps) matching loss before each step.
+      method: ``"ig"`` or ``"dlg"``.
+      layers: names of the matched layers.
+      config: the settings used (steps, lr, tv, restarts, batch size, ...).
+    """
+
+    x: np.ndarray
+    labels: np.ndarray
+    label_source: str
+    loss: np.ndarray
+    restart_losses: np.ndarray
+    best_restart: np.ndarray
+    trace: np.ndarray
+    method: str
+    layers: tuple[str, ...]
+    config: dict
+
+
+class ReconstructionScores(NamedTuple):
+    """Image metrics of reconstructions against originals, per victim and batch member.
+
+    Attributes:
+      mse, psnr, ssim: (V, B) per original image (PSNR in dB, data range 1).
+      assignment: (V, B) index of the reconstruction matched to original i
+        (the Hungarian assignment minimising total MSE; identity for B = 1).
+    """
+
+    mse: np.ndarray
+    psnr: np.ndarray
+    ssim: np.ndarray
+    assignment: np.ndarray
+
+    def summary(self) -> dict[str, float]:
+        """Means over all images: MSE, PSNR (dB, mean of per-image values) and SSIM."""
+        return {"mse": float(np.mean(self.mse)), "psnr": float(np.mean(self.psnr)),
+                "ssim": float(np.mean(self.ssim))}
+
+
+# ---------------------------------------------------------------- inputs
+
+def _as_update_batch(task: Task, target_update: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], bool]:
+    """{layer: (P_l,) or (V, P_l)} -> ({layer: (V, P_l)} float32, whether it was batched)."""
+    if not isinstance(target_update, Mapping) or not target_update:
+        raise InputError("target_update must be a non-empty dict {layer name: gradient vector (P_l,) or (V, P_l)}")
+    out, batched, victims = {}, None, None
+    for name, value in target_update.items():
+        layer = task.layer(name)
+        a = np.asarray(value, dtype=np.float32)
+        if a.ndim not in (1, 2) or a.shape[-1] != layer.size:
+            sketched = a.ndim in (1, 2) and a.shape[-1] < layer.size
+            hint = " (a sketched update cannot be inverted; pass the full gradient)" if sketched else ""
+            raise InputError(
+                f"target_update[{name!r}] has shape {a.shape}; layer {name!r} has {layer.size} parameters, "
+                f"so expected ({layer.size},) or (V, {layer.size}){hint}"
+            )
+        is_batched = a.ndim == 2
+        if batched is not None and is_batched != batched:
+            raise InputError("target_update mixes single updates (P_l,) and batches (V, P_l); use one form")
+        batched = is_batched
+        a = a if is_batched else a[None]
+        if victims is not None and a.shape[0] != victims:
+            raise InputError(f"target_update[{name!r}] has {a.shape[0]} rows, other layers have {victims}")
+        victims = a.shape[0]
+        if victims == 0:
+            raise InputError(f"target_update[{name!r}] has no rows")
+        if not np.all(np.isfinite(a)):
+            raise InputError(f"target_update[{name!r}] contains NaN or infinite values")
+        out[name] = a
+    return out, bool(batched)
+
+
+def _matched_layers(task: Task, update: Mapping[str, np.ndarray], layers: Sequence[str] | None) -> list[Layer]:
+    if layers is None:
+        return [layer for layer in task.layers if layer.name in update]
+    if isinstance(layers, str):
+        layers = [layers]
+    sel = task.select(layers)
+    if not sel:
+        raise InputError("layers is empty; name at least one layer to match, or pass None for all")
+    missing = [layer.name for layer in sel if layer.name not in update]
+    if missing:
+        raise InputError(f"target_update has no entry for the matched layer(s) {missing}; it has {sorted(update)}")
+    return sel
+
+
+def _bias_offset(task: Task) -> int:
+    """Offset of the output bias inside the last layer's flat gradient."""
+    last = task.layers[-1]
+    offset = 0
+    for shape, path in zip(last.shapes, last.paths):
+        if shape == (task.num_classes,) and path.split("/")[-1] == "bias":
+            return offset
+        offset += int(np.prod(shape, dtype=np.int64))
+    raise InputError(
+        f"labels cannot be recovered: the last layer {last.name!r} of model {task.name!r} has no output bias "
+        f"of shape ({task.num_classes},); pass labels=..."
+    )
+
+
+def recover_labels(task: Task, target_update: Mapping[str, Any]) -> np.ndarray:
+    """Labels of single-example updates from the last layer's bias gradient (iDLG rule).
+
+    For softmax cross-entropy the bias gradient of one example is
+    ``softmax(logits) - onehot(y)``: the only negative entry is at the label,
+    so ``argmin`` recovers it exactly (also for the mean over local steps).
+    Returns (V,) int32 for an update {layer: (V, P_l)} or (1,) for (P_l,).
+    """
+    update, _ = _as_update_batch(task, target_update)
+    last = task.layers[-1].name
+    if last not in update:
+        raise InputError(f"labels cannot be recovered: target_update has no entry for the last layer {last!r}")
+    offset = _bias_offset(task)
+    bias = update[last][:, offset:offset + task.num_classes]
+    return np.argmin(bias, axis=1).astype(np.int32)
+
+
+def _labels_array(labels, victims: int, batch: int, num_classes: int) -> np.ndarray:
+    a = np.asarray(labels)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise InputError(f"labels must be integers, got dtype {a.dtype}")
+    if a.shape == (victims, batch):
+        out = a
+    elif a.ndim == 1 and victims == 1 and a.shape == (batch,):
+        out = a[None]
+    elif a.ndim == 1 and batch == 1 and a.shape == (victims,):
+        out = a[:, None]
+    elif a.ndim == 0 and victims == 1 and batch == 1:
+        out = a.reshape(1, 1)
+    else:
+        raise InputError(f"labels has shape {a.shape}; expected ({victims}, {batch}) for {victims} victim(s) "
+                         f"with batch_size {batch}")
+    if out.min() < 0 or out.max() >= num_classes:
+        raise InputError(f"labels lie in [{out.min()}, {out.max()}] but the model has {num_classes} classes")
+    return out.astype(np.int32)
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _nonneg_float(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not np.isfinite(v) or v < 0:
+        raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
+
+
+# ---------------------------------------------------------------- the compiled attack
+
+def _segment_length(steps: int, progress: bool) -> int:
+    """Steps per jitted segment: all of them, or about 1/20 for a progress bar."""
+    if not progress:
+        return steps
+    target = max(1, steps // 20)
+    return max(d for d in range(1, target + 1) if steps % d == 0)
+
+
+def total_variation(x: jax.Array) -> jax.Array:
+    """Anisotropic total variation of a batch (B, H, W, C): mean |vertical diff| + mean |horizontal diff|."""
+    dv = jnp.mean(jnp.abs(x[:, 1:] - x[:, :-1])) if x.shape[1] > 1 else 0.0
+    dh = jnp.mean(jnp.abs(x[:, :, 1:] - x[:, :, :-1])) if x.shape[2] > 1 else 0.0
+    return dv + dh
+
+
+def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: int, restarts: int, batch: int,
+           soft: bool, signed: bool, box: bool, local_steps: int) -> dict[str, Callable]:
+    """Jitted init / advance / final functions of the attack, cached on the task.
+
+    Shapes: keys (V, R); targets {layer: (V, P_l)}; labels (V, B) int;
+    weights (M, L) (one row per matched-layer combination). State arrays
+    carry leading axes (M, V, R).
+    """
+    names = tuple(layer.name for layer in sel)
+    key = ("invert", method, names, steps, seg, restarts, batch, soft, signed, box, local_steps)
+
+    def build():
+        num_classes = task.num_classes
+        shape = (batch, *task.input_shape)
+
+        def batch_loss(params, x, labels, q_logits):
+            logits = task.apply_fn(params, x)
+            if soft:
+                classes = jnp.arange(num_classes, dtype=jnp.int32)
+                per_class = jax.vmap(lambda c: task.loss_fn(logits, jnp.full((batch,), c)), out_axes=1)(classes)
+                return jnp.mean(jnp.sum(jax.nn.softmax(q_logits) * per_class, axis=1))
+            return jnp.mean(task.loss_fn(logits, labels))
+
+        grad_loss = jax.grad(batch_loss)
+
+        def dummy_update(params, x, labels, q_logits, local_lr):
+            if local_steps == 1:
+                return task.flatten(grad_loss(params, x, labels, q_logits), sel)
+
+            def step(carry, _):
+                p, acc = carry
+                g = grad_loss(p, x, labels, q_logits)
+                p = jax.tree.map(lambda w, gw: w - local_lr * gw, p, g)
+                return (p, jax.tree.map(jnp.add, acc, g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (_, total), _ = jax.lax.scan(step, (params, zeros), None, length=local_steps)
+            return task.flatten(jax.tree.map(lambda t: t / local_steps, total), sel)
+
+        def matching(params, z, target, labels, w, hyper):
+            u = dummy_update(params, z["x"], labels, z.get("q"), hyper["local_lr"])
+            if method == "ig":
+                dot = sum(w[i] * jnp.vdot(u[n], target[n]) for i, n in enumerate(names))
+                uu = sum(w[i] * jnp.vdot(u[n], u[n]) for i, n in enumerate(names))
+                tt = sum(w[i] * jnp.vdot(target[n], target[n]) for i, n in enumerate(names))
+                return 1.0 - dot / jnp.maximum(jnp.sqrt(uu) * jnp.sqrt(tt), 1e-30)
+            return sum(w[i] * jnp.sum(jnp.square(u[n] - target[n])) for i, n in enumerate(names))
+
+        def optimizer(lr):
+            bounds = {int(steps * f): 0.1 for f in (3 / 8, 5 / 8, 7 / 8)}
+            bounds = {b: v for b, v in bounds.items() if 0 < b < steps}
+            return optax.adam(optax.piecewise_constant_schedule(lr, bounds))
+
+        def init_one(rng):
+            kx, kq = jax.random.split(rng)
+            z = {"x": jax.random.uniform(kx, shape, jnp.float32)}
+            if soft:
+                z["q"] = jax.random.normal(kq, (batch, num_classes), jnp.float32)
+            return z, optimizer(1.0).init(z)
+
+        def step_one(params, carry, target, labels, w, hyper):
+            z, opt_state = carry
+
+            def objective(z):
+                match = matching(params, z, target, labels, w, hyper)
+                return match + hyper["tv"] * total_variation(z["x"]), match
+
+            (_, match), g = jax.value_and_grad(objective, has_aux=True)(z)
+            if signed:
+                g = jax.tree.map(jnp.sign, g)
+            updates, opt_state = optimizer(hyper["lr"]).update(g, opt_state, z)
+            z = optax.apply_updates(z, updates)
+            if box:
+                z = dict(z, x=jnp.clip(z["x"], 0.0, 1.0))
+            return (z, opt_state), match
+
+        def vmapped(fn):
+            # axes: restarts (state only), victims (state, target, labels), weight rows (state, w)
+            r_axes = [None] * 6
+            r_axes[1] = 0
+            v_axes = list(r_axes)
+            v_axes[2] = v_axes[3] = 0
+            m_axes = list(r_axes)
+            m_axes[4] = 0
+            return jax.vmap(jax.vmap(jax.vmap(fn, in_axes=r_axes), in_axes=v_axes), in_axes=m_axes)
+
+        step_all = vmapped(step_one)
+
+        def init(keys, weights):
+            TRACE_COUNTS[key + ("init",)] += 1
+            state = jax.vmap(jax.vmap(init_one))(keys)
+            return jax.tree.map(lambda a: jnp.broadcast_to(a, (weights.shape[0], *a.shape)), state)
+
+        def advance(params, state, targets, labels, weights, hyper):
+            TRACE_COUNTS[key] += 1
+
+            def body(carry, _):
+                return step_all(params, carry, targets, labels, weights, hyper)
+
+            state, trace = jax.lax.scan(body, state, None, length=seg)
+            return state, jnp.moveaxis(trace, 0, -1)
+
+        def match_one(params, carry, target, labels, w, hyper):
+            return matching(params, carry[0], target, labels, w, hyper)
+
+        match_all = vmapped(match_one)
+
+        def final(params, state, targets, labels, weights, hyper):
+            TRACE_COUNTS[key + ("final",)] += 1
+            z = state[0]
+            x = jnp.clip(z["x"], 0.0, 1.0)
+            q = jnp.argmax(z["q"], axis=-1) if soft else None
+            return x, q, match_all(params, state, targets, labels, weights, hyper)
+
+        return {"init": jax.jit(init), "advance": jax.jit(advance), "final": jax.jit(final)}
+
+    return task.cached(key, build)
+
+
+def _run(task: Task, target_update, *, weights_for: Callable[[int], np.ndarray], method: str, layers, restarts: int,
+         steps: int | None, lr: float | None, tv: float | None, labels, batch_size: int, local_steps: int,
+         local_lr: float, seed: int, progress: bool):
+    """Shared driver of :func:`invert` and :func:`invert_layers`; returns per-weight-row results."""
+    if method not in METHODS:
+        raise InputError(f"unknown attack method {method!r}; choose one of {list(METHODS)}")
+    defaults = _DEFAULTS[method]
+    steps = _positive_int("steps", DEFAULT_STEPS if steps is None else steps)
+    restarts = _positive_int("restarts", restarts)
+    batch = _positive_int("batch_size", batch_size)
+    local_steps = _positive_int("local_steps", local_steps)
+    lr = _nonneg_float("lr", defaults["lr"] if lr is None else lr)
+    tv = _nonneg_float("tv", defaults["tv"] if tv is None else tv)
+    local_lr = _nonneg_float("local_lr", local_lr)
+    if lr == 0:
+        raise InputError("lr must be > 0")
+    update, _ = _as_update_batch(task, target_update)
+    sel = _matched_layers(task, update, layers)
+    victims = next(iter(update.values())).shape[0]
+
+    if isinstance(labels, str):
+        if labels != "optimize":
+            raise InputError(f"labels must be an integer array, None or 'optimize', got {labels!r}")
+        soft, source, lab = True, "optimized", np.zeros((victims, batch), np.int32)
+    elif labels is not None:
+        soft, source, lab = False, "given", _labels_array(labels, victims, batch, task.num_classes)
+    elif batch == 1 and task.layers[-1].name in update:
+        soft, source, lab = False, "recovered", recover_labels(task, update)[:, None]
+    else:
+        soft, source, lab = True, "optimized", np.zeros((victims, batch), np.int32)
+
+    seg = _segment_length(steps, progress)
+    fns = _build(task, sel, method=method, steps=steps, seg=seg, restarts=restarts, batch=batch, soft=soft,
+                 signed=defaults["signed"], box=defaults["box"], local_steps=local_steps)
+    weights = jnp.asarray(weights_for(len(sel)), jnp.float32)
+    keys = jax.random.split(jax.random.key(seed), (victims, restarts))
+    targets = {layer.name: jnp.asarray(update[layer.name]) for layer in sel}
+    lab = jnp.asarray(lab)
+    hyper = {"lr": jnp.float32(lr), "tv": jnp.float32(tv), "local_lr": jnp.float32(local_lr)}
+
+    state = fns["init"](keys, weights)
+    segments = range(steps // seg)
+    if progress:
+        from tqdm.auto import tqdm
+
+        segments = tqdm(segments, desc=f"{method} inversion", unit=f"x{seg} steps", leave=False)
+    traces = []
+    for _ in segments:
+        state, trace = fns["advance"](task.params, state, targets, lab, weights, hyper)
+        traces.append(trace)
+    x, q, losses = fns["final"](task.params, state, targets, lab, weights, hyper)
+    x, losses = np.asarray(x), np.asarray(losses)
+    trace = np.concatenate([np.asarray(t) for t in traces], axis=-1)
+    if not np.all(np.isfinite(losses)):
+        raise NonFiniteError(f"the {method} matching loss became NaN or infinite; try a smaller lr")
+    best = np.argmin(losses, axis=-1)  # (M, V)
+    best_x = _pick(x, best)
+    labels_out = np.broadcast_to(np.asarray(lab), best.shape + lab.shape[1:]) if not soft else _pick(np.asarray(q), best)
+    config = {"method": method, "steps": steps, "restarts": restarts, "batch_size": batch, "lr": lr, "tv": tv,
+              "signed": defaults["signed"], "box": defaults["box"], "local_steps": local_steps,
+              "local_lr": local_lr, "seed": seed, "labels": source}
+    results = []
+    for m in range(weights.shape[0]):
+        matched = tuple(layer.name for layer, w in zip(sel, np.asarray(weights[m])) if w != 0)
+        results.append(InversionResult(
+            x=best_x[m], labels=np.array(labels_out[m]), label_source=source,
+            loss=_pick(losses, best)[m], restart_losses=losses[m],
+            best_restart=best[m], trace=trace[m], method=method, layers=matched, config=dict(config)))
+    return sel, results
+
+
+def _pick(a: np.ndarray, best: np.ndarray) -> np.ndarray:
+    """a[m, v, best[m, v], ...] for a of shape (M, V, R, ...) and best (M, V)."""
+    index = best.reshape(*best.shape, 1, *([1] * (a.ndim - 3)))
+    return np.take_along_axis(a, index, axis=2)[:, :, 0]
+
+
+def invert(task: Task, target_update: Mapping[str, Any], *, method: str = "ig", layers: Sequence[str] | None = None,
+           restarts: int = 8, steps: int | None = None, lr: float | None = None, tv: float | None = None,
+           labels=None, batch_size: int = 1, local_steps: int = 1, local_lr: float = 0.1, seed: int = 0,
+           progress: bool = False) -> InversionResult:
+    """Reconstruct the examples behind shared updates by gradient matching.
+
+    Args:
+      task: the model and the parameters the update was computed at.
+      target_update: ``{layer: (P_l,)}`` for one victim (a row of
+        :func:`jaxleak.grads.layer_grads`, ``task.flatten(grad)``, or a row of
+        ``client_updates(...).updates``), or ``{layer: (V, P_l)}`` for V
+        victims attacked in parallel.
+      method: ``"ig"`` (cosine + TV, signed Adam, box [0, 1]) or ``"dlg"``
+        (L2 matching, Adam).
+      layers: the layers to match (default: every layer in
+        ``target_update``); e.g. ``["Conv_0"]`` attacks the first layer only.
+      restarts: random initialisations per victim, run in parallel; the one
+        with the lowest final matching loss is returned.
+      steps: Adam steps (default 1000). lr, tv: learning rate and TV weight
+        (defaults: ig 0.1 and 1e-4; dlg 0.1 and 0).
+      labels: integer labels (V, B) (or (B,) / (V,) when the other is 1);
+        None recovers them from the last layer's bias gradient when
+        batch_size is 1 and the last layer is in ``target_update``, and
+        otherwise optimises soft labels jointly (DLG); ``"optimize"``
+        forces the joint optimisation.
+      batch_size: B, the number of examples behind each update.
+      local_steps, local_lr: K and eta of the client (METHOD section 1); the
+        attacker simulates the same K SGD steps for its dummy batch.
+      seed: seeds the random initialisations.
+      progress: show a tqdm bar over segments of the optimisation.
+
+    Returns:
+      :class:`InversionResult` with x of shape (V, B, H, W, C) (V = 1 for a
+      single update).
+    """
+    _, results = _run(task, target_update, weights_for=lambda n: np.ones((1, n), np.float32), method=method,
+                      layers=layers, restarts=restarts, steps=steps, lr=lr, tv=tv, labels=labels,
+                      batch_size=batch_size, local_steps=local_steps, local_lr=local_lr, seed=seed,
+                      progress=progress)
+    return results[0]
+
+
+def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Sequence[str] | None = None,
+                  **options) -> dict[str, InversionResult]:
+    """One attack per layer, each matching that layer's update only: ``{layer: InversionResult}``.
+
+    All layers run in one jitted computation (a vmap over one-hot layer
+    weights), with the same random initialisations, so the layers differ
+    only in what their gradient reveals. Labels are handled once for all
+    layers (recovered from the last layer when possible). ``options`` are
+    those of :func:`invert`.
+    """
+    sel, results = _run(task, target_update, weights_for=lambda n: np.eye(n, dtype=np.float32), layers=layers,
+                        **{"method": "ig", "restarts": 8, "steps": None, "lr": None, "tv": None, "labels": None,
+                           "batch_size": 1, "local_steps": 1, "local_lr": 0.1, "seed": 0, "progress": False,
+                           **options})
+    return {layer.name: result for layer, result in zip(sel, results)}
+
+
+def invert_per_layer(task: Task, target_update: Mapping[str, Any], originals, *,
+                     layers: Sequence[str] | None = None, confidence_seed: int = 0, **options) -> LayerScores:
+    """Per-layer reconstruction attack scored by PSNR: ``LayerScores("attack_psnr")`` in dB.
+
+    Runs :func:`invert_layers` and scores each layer's reconstructions
+    against ``originals`` with :func:`score`. ``value`` is the mean PSNR over
+    victims' images (higher = more of x leaks through that layer), ``ci`` a
+    95% percentile bootstrap over victims (None for one victim); extras hold
+    the mean MSE and SSIM and the per-victim PSNR.
+    """
+    per_layer = invert_layers(task, target_update, layers=layers, **options)
+    out = {}
+    for name, result in per_layer.items():
+        s = score(result, originals)
+        psnr_v = np.mean(s.psnr, axis=1)
+        out[name] = Score(float(np.mean(psnr_v)), _bootstrap_ci(psnr_v, confidence_seed),
+                          {"mse": float(np.mean(s.mse)), "ssim": float(np.mean(s.ssim)),
+                           "psnr_per_victim": psnr_v.tolist(), "matching_loss": float(np.mean(result.loss))})
+    first = next(iter(per_layer.values()))
+    meta = dict(first.config, victims=int(first.x.shape[0]), matched="one layer at a time",
+                note="PSNR of the best-restart reconstruction (chosen by matching loss); higher means more leakage")
+    return LayerScores("attack_psnr", out, unit="dB", meta=meta)
+
+
+def _bootstrap_ci(values: np.ndarray, seed: int, resamples: int = 2000) -> tuple[float, float] | None:
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2 or not np.all(np.isfinite(values)):
+        return None
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, (resamples, values.size))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+# ---------------------------------------------------------------- scoring and pictures
+
+def _originals_like(result_x: np.ndarray, originals) -> np.ndarray:
+    o = np.asarray(originals, dtype=np.float32)
+    if o.shape == result_x.shape:
+        return o
+    if o.ndim == result_x.ndim - 1 and o.shape[1:] == result_x.shape[2:] \
+            and o.shape[0] == result_x.shape[0] * result_x.shape[1]:
+        return o.reshape(result_x.shape)
+    raise InputError(f"originals have shape {o.shape}; the reconstructions are {result_x.shape} (V, B, H, W, C), "
+                     f"so pass that shape or (V*B, H, W, C) in victim-major order")
+
+
+def match_batch(originals: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
+    """Hungarian assignment of reconstructions to originals by MSE: (B, ...) x2 -> (B,) indices.
+
+    ``reconstructions[assignment[i]]`` is matched to ``originals[i]``; the
+    total MSE over pairs is minimal (``scipy.optimize.linear_sum_assignment``).
+    """
+    a = np.asarray(originals, np.float64).reshape(len(originals), -1)
+    b = np.asarray(reconstructions, np.float64).reshape(len(reconstructions), -1)
+    cost = ((a[:, None, :] - b[None, :, :]) ** 2).mean(axis=-1)
+    rows, cols = scipy.optimize.linear_sum_assignment(cost)
+    assignment = np.empty(len(a), dtype=np.int64)
+    assignment[rows] = cols
+    return assignment
+
+
+def score(result: InversionResult | np.ndarray, originals) -> ReconstructionScores:
+    """MSE, PSNR and SSIM of reconstructions against the originals.
+
+    ``result`` is an :class:`InversionResult` (or its x, (V, B, H, W, C));
+    ``originals`` has the same shape or (V*B, H, W, C). For B > 1 each
+    victim's reconstructions are matched to its originals by the Hungarian
+    assignment on MSE before scoring (the attacker cannot know the order).
+    """
+    x = np.asarray(result.x if isinstance(result, InversionResult) else result, np.float32)
+    if x.ndim != 5:
+        raise InputError(f"reconstructions must be (V, B, H, W, C), got shape {x.shape}")
+    o = _originals_like(x, originals)
+    assignment = np.stack([match_batch(o[v], x[v]) for v in range(x.shape[0])])
+    matched = np.take_along_axis(x, assignment.reshape(*assignment.shape, 1, 1, 1), axis=1)
+    return ReconstructionScores(
+        mse=np.asarray(metrics.mse(matched, o)), psnr=np.asarray(metrics.psnr(matched, o)),
+        ssim=np.asarray(metrics.ssim(matched, o)), assignment=assignment)
+
+
+def save_grid(originals, reconstructions, path: str | os.PathLike, *, titles: Sequence[str] | None = None,
+              dpi: int = 100) -> str:
+    """Write a PNG with the originals in the top row and the reconstructions below.
+
+    Both are (N, H, W, C) (or (V, B, H, W, C), flattened victim-major) with
+    values in [0, 1]; single-channel images are drawn in grey. ``titles``
+    (N strings) label the columns, e.g. PSNR values. The file is written to a
+    temporary file in the same directory and moved into place, so a reader
+    never sees a partial PNG. Returns the path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    top = np.asarray(originals, np.float32)
+    bottom = np.asarray(reconstructions, np.float32)
+    top = top.reshape(-1, *top.shape[-3:]) if top.ndim == 5 else top
+    bottom = bottom.reshape(-1, *bottom.shape[-3:]) if bottom.ndim == 5 else bottom
+    if top.ndim != 4 or top.shape != bottom.shape:
+        raise InputError(f"originals {top.shape} and reconstructions {bottom.shape} must both be (N, H, W, C)")
+    if top.shape[-1] not in (1, 3):
+        raise InputError(f"images must have 1 or 3 channels to be drawn, got {top.shape[-1]}")
+    n = top.shape[0]
+    if titles is not None and len(titles) != n:
+        raise InputError(f"titles has {len(titles)} entries for {n} columns")
+    fig = Figure(figsize=(1.2 * n + 0.8, 2.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, n, squeeze=False)
+    for j in range(n):
+        for i, img in enumerate((top[j], bottom[j])):
+            ax = axes[i, j]
+            img = np.clip(img, 0.0, 1.0)
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0.0, vmax=1.0,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if titles is not None:
+            axes[1, j].set_title(str(titles[j]), fontsize=7)
+    axes[0, 0].set_ylabel("original", fontsize=8)
+    axes[1, 0].set_ylabel("reconstruction", fontsize=8)
+    fig.tight_layout()
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", prefix=".grid-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
