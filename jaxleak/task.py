@@ -286,8 +286,12 @@ class Task:
         return jnp.mean(self.loss_fn(self.apply_fn(params, x), y))
 
     def example_loss(self, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
-        """Loss of one example: x (H, W, C), y () -> scalar (nats)."""
-        return self.loss_fn(self.apply_fn(params, x[None]), y[None])[0]
+        """Loss of one example: x (H, W, C), y () -> scalar (nats).
+
+        The mean over the batch of one, so a loss that already averages over
+        the batch works as well as a per-example one.
+        """
+        return jnp.mean(self.loss_fn(self.apply_fn(params, x[None]), y[None]))
 
     def flatten(self, tree: PyTree, layers: Sequence[Layer] | None = None, *, batched: bool = False
                 ) -> dict[str, jax.Array]:
