@@ -12,6 +12,7 @@ import collections
 from typing import Callable, NamedTuple, Sequence
 
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
@@ -83,15 +84,257 @@ def check_finite(grads: dict[str, np.ndarray], what: str = "gradient") -> None:
 
 # ---------------------------------------------------------------- per-example gradients
 
-def per_example_grad_fn(task: Task, layers: Sequence[Layer]) -> Callable:
-    """Pure ``(params, x (B, ...), y (B,)) -> {layer: (B, P_l)}`` by vmap(grad).
+def vmap_grad_fn(task: Task, layers: Sequence[Layer]) -> Callable:
+    """Pure ``(params, x (B, ...), y (B,)) -> {layer: (B, P_l)}`` by vmap(grad) of one example's loss.
 
-    Differentiable, so measures can take jvps through it.
+    The reference definition of per-example gradients (a batch-of-one
+    gradient per example); works for any model, including NNX ones.
     """
     grad_one = jax.grad(task.example_loss)
 
+    def one(params, x1, y1):
+        return task.flatten(grad_one(params, x1, y1), layers)
+
     def fn(params, x, y):
-        return task.flatten(jax.vmap(grad_one, in_axes=(None, 0, 0))(params, x, y), layers, batched=True)
+        return jax.vmap(one, in_axes=(None, 0, 0))(params, x, y)
+
+    return fn
+
+
+def per_example_grad_fn(task: Task, layers: Sequence[Layer], *, method: str = "auto") -> Callable:
+    """Pure ``(params, x (B, ...), y (B,)) -> {layer: (B, P_l)}``: per-example gradients per layer.
+
+    ``method='auto'`` (default) computes the gradients of the parameters of
+    Linen leaf modules (Dense, Conv, GroupNorm, ... : modules that own their
+    parameters directly) from ONE batched forward and backward pass: the
+    backward pass gives the cotangent delta_b of each such module's output
+    for every example b, and the module's per-example parameter gradient is
+    the vector-Jacobian product of that module alone at (input_b, delta_b);
+    for Dense this is the outer product a_b^T delta_b, for Conv a correlation
+    of input and delta. Parameters the fast path cannot attribute to one leaf
+    module call (NNX models, parameters read outside their module, modules
+    with several array inputs or outputs) fall back to vmap(grad).
+    ``method='vmap'`` uses vmap(grad) for everything (:func:`vmap_grad_fn`).
+
+    Both are exact (the same quantity, float32 rounding aside) and
+    differentiable, so measures can take jvps through them.
+    """
+    if method == "vmap":
+        return vmap_grad_fn(task, layers)
+    if method != "auto":
+        raise InputError(f"method must be 'auto' or 'vmap', got {method!r}")
+    return _fast_grad_fn(task, layers)
+
+
+# The fast path. Three passes over the model's Python code, all at trace
+# time and all under one Flax method interceptor that numbers every
+# intercepted method call in call order:
+#  1. discovery: which calls are leaf-module calls with one batched array
+#     input and output, and which parameter leaves they own;
+#  2. check: those calls are replaced by zeros; a parameter leaf that is
+#     still read somewhere (tied weights, parameters read by a parent) loses
+#     the fast path, and so does every call that owns it;
+#  3. run: a zero "perturbation" is added to the output of each fast call and
+#     the gradient of the summed loss with respect to the perturbations is
+#     the per-example output cotangent (examples do not interact, so the
+#     cotangent of example b is the gradient of loss_b alone).
+
+
+class _Call(NamedTuple):
+    """One fast leaf-module call: its module (unbound), owned leaves by name, other collections."""
+
+    module: object
+    method: str
+    leaves: dict
+    other: dict
+    out_shape: tuple
+    out_dtype: object
+
+
+class _Guard:
+    """Switches the interceptor off while jaxleak itself runs a module."""
+
+    active = False
+
+
+def _leaf_module_params(module, leaf_ids: dict) -> dict | None:
+    """``{param name: leaf index}`` if ``module`` owns only direct params that are leaves of the task."""
+    try:
+        variables = module.variables
+    except Exception:  # noqa: BLE001 - unbound or mid-setup modules are not leaf calls
+        return None
+    params = variables.get("params") if hasattr(variables, "get") else None
+    if not params:
+        return None
+    owned = {}
+    for name, value in params.items():
+        idx = leaf_ids.get(id(value))
+        if idx is None:
+            return None
+        owned[name] = idx
+    return owned
+
+
+def _discover(task: Task, params, x) -> list:
+    """Pass 1 and 2: per intercepted call, a :class:`_Call` for fast calls or None."""
+    from flax import linen as nn
+
+    batch = x.shape[0]
+    plan: list = []
+
+    def probe(params, x):
+        leaves = jax.tree.leaves(params)
+        leaf_ids = {id(leaf): i for i, leaf in enumerate(leaves)}
+
+        def interceptor(next_fun, args, kwargs, context):
+            if _Guard.active:
+                return next_fun(*args, **kwargs)
+            k = len(plan)
+            plan.append(None)
+            owned = _leaf_module_params(context.module, leaf_ids)
+            simple = (owned and len(args) == 1 and not kwargs and isinstance(args[0], jax.Array)
+                      and args[0].ndim >= 1 and args[0].shape[0] == batch)
+            out = next_fun(*args, **kwargs)
+            if simple and isinstance(out, jax.Array) and out.ndim >= 1 and out.shape[0] == batch:
+                other = {c: v for c, v in context.module.variables.items() if c != "params"}
+                plan[k] = _Call(context.module.clone(parent=None), context.method_name, owned, other,
+                                tuple(out.shape), out.dtype)
+            return out
+
+        with nn.intercept_methods(interceptor):
+            return task.apply_fn(params, x)
+
+    jax.eval_shape(probe, params, x)
+    fast = [c for c in plan if c is not None]
+    if not fast:
+        return plan
+    n_calls = len(plan)
+
+    def check(params, x):
+        calls = iter(range(n_calls))
+
+        def interceptor(next_fun, args, kwargs, context):
+            if _Guard.active:
+                return next_fun(*args, **kwargs)
+            call = plan[next(calls)]
+            if call is None:
+                return next_fun(*args, **kwargs)
+            return jnp.zeros(call.out_shape, call.out_dtype)
+
+        with nn.intercept_methods(interceptor):
+            return task.apply_fn(params, x)
+
+    closed = jax.make_jaxpr(check)(params, x)
+    n_leaves = len(jax.tree.leaves(params))
+    read = _leaves_read(closed.jaxpr, n_leaves)
+    owners: dict[int, int] = collections.Counter(i for c in fast for i in c.leaves.values())
+    bad = {i for i in owners if i in read}
+    return [None if c is None or any(i in bad for i in c.leaves.values()) else c for c in plan]
+
+
+def _leaves_read(jaxpr, n_leaves: int) -> set[int]:
+    """Indices of the first ``n_leaves`` inputs of ``jaxpr`` that any equation reads."""
+    tracked = {v: i for i, v in enumerate(jaxpr.invars[:n_leaves])}
+    read = {tracked[v] for v in jaxpr.outvars if isinstance(v, jex.core.Var) and v in tracked}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if isinstance(v, jex.core.Var) and v in tracked:
+                read.add(tracked[v])
+    return read
+
+
+def _module_grads(call: _Call, leaves: list, a: jax.Array, delta: jax.Array) -> dict[int, jax.Array]:
+    """Per-example gradients ``{leaf index: (B, *shape)}`` of one module call from inputs and output cotangents."""
+    from flax import linen as nn
+
+    module = call.module
+    names = call.leaves
+    if type(module) is nn.Dense and module.dot_general is None and module.dot_general_cls is None and (
+            module.dtype in (None, jnp.float32) and a.dtype == jnp.float32):
+        a2 = a.reshape(a.shape[0], -1, a.shape[-1])
+        d2 = delta.reshape(delta.shape[0], -1, delta.shape[-1])
+        if a2.shape[1] == 1:
+            kernel = a2[:, 0, :, None] * d2[:, 0, None, :]
+        else:
+            kernel = jnp.einsum("bmi,bmo->bio", a2, d2)
+        out = {names["kernel"]: kernel}
+        if "bias" in names:
+            out[names["bias"]] = d2.sum(axis=1)
+        return out
+
+    own = {name: leaves[i] for name, i in names.items()}
+
+    def one(a_b, d_b):
+        def apply(p):
+            _Guard.active = True
+            try:
+                return module.apply({"params": p, **call.other}, a_b[None], method=call.method)
+            finally:
+                _Guard.active = False
+
+        _, vjp = jax.vjp(apply, own)
+        return vjp(d_b[None])[0]
+
+    g = jax.vmap(one)(a, delta)
+    return {i: g[name] for name, i in names.items()}
+
+
+def _fast_grad_fn(task: Task, layers: Sequence[Layer]) -> Callable:
+    from flax import linen as nn
+
+    wanted = sorted({i for layer in layers for i in layer.leaves})
+
+    def fn(params, x, y):
+        plan = _discover(task, params, x)
+        leaves = jax.tree.leaves(params)
+        treedef = jax.tree.structure(params)
+        batch = x.shape[0]
+        want = set(wanted)
+        # Only calls that own a requested leaf get a perturbation.
+        active = [c is not None and any(i in want for i in c.leaves.values()) for c in plan]
+        eps = [jnp.zeros(c.out_shape, c.out_dtype) if on else None for c, on in zip(plan, active)]
+
+        def total_loss(eps):
+            inputs = [None] * len(plan)
+            calls = iter(range(len(plan)))
+
+            def interceptor(next_fun, args, kwargs, context):
+                if _Guard.active:
+                    return next_fun(*args, **kwargs)
+                k = next(calls)
+                out = next_fun(*args, **kwargs)
+                if not active[k]:
+                    return out
+                inputs[k] = args[0]
+                return out + eps[k]
+
+            with nn.intercept_methods(interceptor):
+                logits = task.apply_fn(params, x)
+            return jnp.sum(task.loss_fn(logits, y)), inputs
+
+        per_leaf: dict[int, jax.Array] = {}
+        if any(active):
+            deltas, inputs = jax.grad(total_loss, has_aux=True)(eps)
+            for k, call in enumerate(plan):
+                if not active[k]:
+                    continue
+                for i, g in _module_grads(call, leaves, inputs[k], deltas[k]).items():
+                    per_leaf[i] = per_leaf[i] + g if i in per_leaf else g
+        rest = [i for i in wanted if i not in per_leaf]
+        if rest:
+            def loss_rest(sub, x1, y1):
+                full = list(leaves)
+                for i, v in zip(rest, sub):
+                    full[i] = v
+                return task.example_loss(jax.tree.unflatten(treedef, full), x1, y1)
+
+            sub = [leaves[i] for i in rest]
+            g = jax.vmap(jax.grad(loss_rest), in_axes=(None, 0, 0))(sub, x, y)
+            per_leaf.update(zip(rest, g))
+        return {
+            layer.name: jnp.concatenate([per_leaf[i].reshape(batch, -1) for i in layer.leaves], axis=1)
+            for layer in layers
+        }
 
     return fn
 

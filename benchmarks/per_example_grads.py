@@ -1,0 +1,330 @@
+"""Per-example gradient throughput: jaxleak.layer_grads vs torch.func and Opacus.
+
+Two configurations (issue 2's benchmark, issue 6's speed goal):
+
+- ``lenet``: jaxleak's LeNet (``jaxleak.models.get('lenet')``) on 28x28x1
+  inputs, B = 256.
+- ``cifar_cnn``: the CIFAR-10 CNN used by the DP-SGD literature (Papernot et
+  al. 2021, "Tempered Sigmoid Activations for Deep Learning with Differential
+  Privacy"; also the JAX/Opacus comparison of Subramani et al. 2021): conv
+  32-32-pool-64-64-pool-128-128-pool (3x3, SAME), dense 128, dense 10, ReLU,
+  on 32x32x3 inputs, B = 128. It is built as a user Linen model, so it also
+  exercises ``Task.from_linen`` on a model outside the zoo.
+
+For each configuration and method, one process, interleaved repetitions
+(method A, B, C, A, B, C, ...), compile/warm-up excluded, every result forced
+(``block_until_ready`` / host copy). Each method returns the per-example
+gradients of every parameter:
+
+- ``jaxleak``: ``jaxleak.layer_grads(task, x, y)`` -> {layer: np (B, P_l)}
+  on the host (the public API, host copy included);
+- ``jaxleak_vmap``: the plain jitted vmap(grad) reference (what
+  ``layer_grads`` did before the fast path), device arrays;
+- ``torch_func``: ``torch.func.vmap(grad(loss of one example))``;
+- ``opacus``: ``opacus.GradSampleModule`` forward + backward, ``grad_sample``
+  of every parameter (loss_reduction='sum').
+
+Also measured: the machine's float32 matrix-multiply peak (jnp.dot of two
+2048 x 2048 matrices, and torch's) and the achieved GFLOP/s of each method
+(FLOPs of forward + input backward + per-example weight gradients, counted
+analytically from the layer shapes).
+
+Usage: ``python benchmarks/per_example_grads.py [--reps 7] [--configs lenet,cifar_cnn]``
+Writes ``benchmarks/results/per_example_grads.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def machine_info(shared: bool) -> dict:
+    import jax
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_at_start": os.getloadavg(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    try:
+        import opacus
+
+        info["opacus"] = opacus.__version__
+    except ImportError:
+        pass
+    if shared:
+        info["note"] = ("other jobs (test suites of other engineers) were running concurrently on this "
+                        "2-core machine; interleaved repetitions and medians reduce but do not remove the effect")
+    return info
+
+
+# ---------------------------------------------------------------- models
+
+
+def cifar_cnn_linen(num_classes: int = 10):
+    from flax import linen as nn
+
+    class CifarCNN(nn.Module):
+        """conv 32-32-M-64-64-M-128-128-M (3x3 SAME), dense 128, dense num_classes; ReLU."""
+
+        num_classes: int = 10
+
+        @nn.compact
+        def __call__(self, x):
+            for width in (32, 32, "M", 64, 64, "M", 128, 128, "M"):
+                if width == "M":
+                    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                else:
+                    x = nn.relu(nn.Conv(width, (3, 3), padding="SAME")(x))
+            x = x.reshape((x.shape[0], -1))
+            x = nn.relu(nn.Dense(128)(x))
+            return nn.Dense(self.num_classes)(x)
+
+    return CifarCNN(num_classes)
+
+
+def torch_model(config: str):
+    import torch.nn as tnn
+
+    if config == "lenet":
+        return tnn.Sequential(
+            tnn.Conv2d(1, 6, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2),
+            tnn.Conv2d(6, 16, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2),
+            tnn.Flatten(), tnn.Linear(16 * 7 * 7, 120), tnn.ReLU(), tnn.Linear(120, 84), tnn.ReLU(),
+            tnn.Linear(84, 10),
+        )
+    layers = []
+    cin = 3
+    for width in (32, 32, "M", 64, 64, "M", 128, 128, "M"):
+        if width == "M":
+            layers.append(tnn.MaxPool2d(2))
+        else:
+            layers += [tnn.Conv2d(cin, width, 3, padding=1), tnn.ReLU()]
+            cin = width
+    layers += [tnn.Flatten(), tnn.Linear(128 * 4 * 4, 128), tnn.ReLU(), tnn.Linear(128, 10)]
+    return tnn.Sequential(*layers)
+
+
+CONFIGS = {
+    "lenet": {"input_shape": (28, 28, 1), "batch": 256, "model": "jaxleak.models lenet"},
+    "cifar_cnn": {"input_shape": (32, 32, 3), "batch": 128,
+                  "model": "CIFAR-10 CNN of the DP-SGD literature (conv 32,32,M,64,64,M,128,128,M; dense 128, 10)"},
+}
+
+
+def model_flops(task, x) -> float:
+    """FLOPs of one per-example gradient pass for the whole batch.
+
+    2 * MACs for each of: forward, backward to the layer inputs (all layers
+    but the first), per-example weight gradients. Counted from the Dense/Conv
+    calls of the model (their input and output shapes).
+    """
+    import jax
+    from flax import linen as nn
+
+    macs = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if isinstance(module, nn.Dense) and context.method_name == "__call__":
+            macs.append(np.prod(out.shape) * args[0].shape[-1])
+        elif isinstance(module, nn.Conv) and context.method_name == "__call__":
+            macs.append(np.prod(out.shape) * np.prod(module.kernel_size) * args[0].shape[-1])
+        return out
+
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(task.apply_fn, task.params, x)
+    total = 0.0
+    for i, m in enumerate(macs):
+        total += 2 * m * (2 if i == 0 else 3)
+    return float(total)
+
+
+# ---------------------------------------------------------------- methods
+
+
+def build_methods(config: str, seed: int = 0):
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import torch.nn.functional as F
+    from opacus import GradSampleModule
+    from torch.func import functional_call, grad, vmap
+
+    import jaxleak
+    from jaxleak import models
+    from jaxleak.task import Task
+
+    spec = CONFIGS[config]
+    shape, batch = spec["input_shape"], spec["batch"]
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, (batch, *shape)).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+
+    if config == "lenet":
+        module = models.get("lenet", 10, shape)
+    else:
+        module = cifar_cnn_linen(10)
+    variables = module.init(jax.random.key(seed), jnp.zeros((1, *shape), jnp.float32))
+    task = Task.from_linen(module, variables, input_shape=shape, name=config)
+
+    grad_one = jax.grad(task.example_loss)
+    plain = jax.jit(jax.vmap(grad_one, in_axes=(None, 0, 0)))
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+
+    tmodel = torch_model(config)
+    xt = torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+    yt = torch.from_numpy(y.astype(np.int64))
+    tparams = {k: v.detach() for k, v in tmodel.named_parameters()}
+
+    def loss_one(p, xb, yb):
+        return F.cross_entropy(functional_call(tmodel, p, (xb[None],)), yb[None])
+
+    tf = vmap(grad(loss_one), in_dims=(None, 0, 0))
+    gsm = GradSampleModule(torch_model(config), loss_reduction="sum")
+
+    def run_jaxleak():
+        return jaxleak.layer_grads(task, x, y, chunk_size=batch)
+
+    def run_plain():
+        return jax.block_until_ready(plain(task.params, xj, yj))
+
+    def run_torch_func():
+        with torch.no_grad():
+            return tf(tparams, xt, yt)
+
+    def run_opacus():
+        for p in gsm.parameters():
+            p.grad = None
+            p.grad_sample = None
+        loss = F.cross_entropy(gsm(xt), yt, reduction="sum")
+        loss.backward()
+        return [p.grad_sample for p in gsm.parameters()]
+
+    methods = {"jaxleak": run_jaxleak, "jaxleak_vmap": run_plain, "torch_func": run_torch_func,
+               "opacus": run_opacus}
+    n_params = {"jax": task.num_params, "torch": int(sum(p.numel() for p in tmodel.parameters()))}
+    return methods, model_flops(task, xj), batch, n_params
+
+
+def matmul_peak(n: int = 2048, reps: int = 7) -> dict:
+    """float32 matrix-multiply throughput (GFLOP/s) of jnp.dot and torch.matmul, n x n."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    out = {"n": n}
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        dot(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    out["jax_gflops"] = 2 * n ** 3 / statistics.median(times) / 1e9
+    try:
+        import torch
+
+        ta, tb = torch.randn(n, n), torch.randn(n, n)
+        ta @ tb
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            ta @ tb
+            times.append(time.perf_counter() - t)
+        out["torch_gflops"] = 2 * n ** 3 / statistics.median(times) / 1e9
+    except ImportError:
+        pass
+    return out
+
+
+def bench_config(config: str, reps: int) -> dict:
+    methods, flops, batch, n_params = build_methods(config)
+    for fn in methods.values():  # compile and warm up
+        fn()
+        fn()
+    times = {name: [] for name in methods}
+    for _ in range(reps):
+        for name, fn in methods.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    res = {"batch": batch, "params": n_params, "gflop_per_batch": flops / 1e9, "model": CONFIGS[config]["model"],
+           "input_shape": CONFIGS[config]["input_shape"], "methods": {}}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        res["methods"][name] = {"median_s": med, "times_s": ts, "examples_per_s": batch / med,
+                                "gflops": flops / med / 1e9}
+    base = res["methods"]["jaxleak"]["examples_per_s"]
+    res["ratios"] = {f"jaxleak/{name}": base / m["examples_per_s"]
+                     for name, m in res["methods"].items() if name != "jaxleak"}
+    return res
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--configs", default="lenet,cifar_cnn")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    parser.add_argument("--not-shared", action="store_true", help="the machine had no other jobs")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                      "per_example_grads.json"))
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    result = {"benchmark": "per_example_grads", "machine": machine_info(not args.not_shared),
+              "reps": args.reps, "matmul_peak": matmul_peak(), "configs": {}}
+    for config in args.configs.split(","):
+        res = bench_config(config, args.reps)
+        result["configs"][config] = res
+        peak = result["matmul_peak"]["jax_gflops"]
+        for name, m in res["methods"].items():
+            print(f"{config:10s} {name:13s} {m['examples_per_s']:9.1f} ex/s  {m['median_s'] * 1e3:8.1f} ms  "
+                  f"{m['gflops']:6.1f} GFLOP/s ({100 * m['gflops'] / peak:4.1f}% of jnp.dot peak)", file=sys.stderr)
+        print("  " + "  ".join(f"{k} = {v:.2f}x" for k, v in res["ratios"].items()), file=sys.stderr)
+    result["machine"]["load_average_at_end"] = os.getloadavg()
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(result, fh, indent=2)
+    os.replace(tmp, args.out)
+    print(f"matmul peak: jnp.dot {result['matmul_peak']['jax_gflops']:.1f} GFLOP/s, torch "
+          f"{result['matmul_peak'].get('torch_gflops', float('nan')):.1f} GFLOP/s; wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
