@@ -310,6 +310,9 @@ def run(config: RunConfig, *, out: str | None = None, resume: bool = False, prog
         io.write_json(os.path.join(out, "results.json"), results)
         write_layers_csv(os.path.join(out, "layers.csv"), results)
         draw_figures(out, results)
+        from jaxleak.report import write_report
+
+        write_report(out)
     except JaxleakError:
         if created and not resume:
             shutil.rmtree(out, ignore_errors=True)
