@@ -20,16 +20,24 @@ class TrainResult(NamedTuple):
     losses: list[float]
 
 
-def _step_fn(task: Task, optimizer: optax.GradientTransformation, use_dropout: bool) -> Callable:
-    key = ("train_step", id(optimizer), use_dropout)
+def _step_fn(task: Task, optimizer: optax.GradientTransformation, use_dropout: bool, defense=None) -> Callable:
+    key = ("train_step", id(optimizer), use_dropout, defense)
 
     def build():
         def loss(params, x, y, rng):
             logits = task.train_apply_fn(params, x, rng) if use_dropout else task.apply_fn(params, x)
             return jnp.mean(task.loss_fn(logits, y))
 
+        defended = None
+        if defense is not None and defense.name != "dropout":
+            from jaxleak.defenses import batch_gradient_fn
+
+            defended = batch_gradient_fn(task, defense)
+
         def step(params, opt_state, x, y, rng):
             value, grads = jax.value_and_grad(loss)(params, x, y, rng)
+            if defended is not None:
+                grads = defended(params, x, y, jax.random.fold_in(rng, 1))
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, value
 
@@ -49,12 +57,17 @@ def _adam(lr: float) -> optax.GradientTransformation:
 
 
 def train(task: Task, x, y, *, epochs: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
-          dropout: bool = True, progress: bool = False) -> TrainResult:
+          dropout: bool = True, progress: bool = False, defense=None) -> TrainResult:
     """Train with Adam on shuffled mini-batches for ``epochs`` epochs.
 
     Dropout (if the model has it) is active during training when ``dropout``
-    is True. The last incomplete batch of each epoch is dropped so the step
-    compiles once. Returns a new task; the input task is not modified.
+    is True. ``defense`` (a :mod:`jaxleak.defenses` configuration, e.g.
+    ``DP(clip_norm, noise_multiplier)`` for DP-SGD or ``Prune(0.1)``;
+    ``Dropout`` is a model option and changes nothing here) replaces the
+    step's gradient by :func:`jaxleak.defenses.batch_gradient_fn`, computed
+    without dropout; the recorded loss is the plain batch loss. The last
+    incomplete batch of each epoch is dropped so the step compiles once.
+    Returns a new task; the input task is not modified.
     """
     x, y = task.check_inputs(x, y)
     if epochs < 0:
@@ -64,7 +77,7 @@ def train(task: Task, x, y, *, epochs: int, batch_size: int = 64, lr: float = 1e
     batch_size = int(min(batch_size, x.shape[0]))
     optimizer = _adam(float(lr))
     use_dropout = bool(dropout and task.train_apply_fn is not None)
-    step = _step_fn(task, optimizer, use_dropout)
+    step = _step_fn(task, optimizer, use_dropout, defense)
     params = task.params
     opt_state = optimizer.init(params)
     key = jax.random.key(seed)
