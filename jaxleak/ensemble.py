@@ -1,0 +1,554 @@
+"""Ensembles of attack models trained in parallel, with cross-fitting.
+
+This is the engine behind empirical V-information (METHOD section 2,
+:mod:`jaxleak.vinfo`). An *ensemble* is every member (architecture x weight
+decay x seed) for every layer and every cross-fitting fold. All of them train
+in one jitted computation: the parameters of a family carry leading axes
+``(layers, folds, members)`` and one loss, the sum of the members'
+independent objectives, is differentiated once per step, so each member gets
+exactly its own gradient and Adam (element-wise) treats it on its own.
+
+Data layout: features ``(L, N, W)`` (every layer brought to a common width W
+by the caller) and boolean masks ``(F, N)`` that say, per fold, which
+examples train, which validate and which are held out. Every member sees all
+N rows in its forward pass, with the rows of other roles masked out of its
+loss; that costs a little arithmetic but keeps one shape for every fold and
+gives the validation loss of the current parameters for free at each step.
+Held-out targets enter only the final scoring: training, early stopping and
+member selection read train and validation rows only (``jnp.where`` masks,
+so not even a NaN gradient can leak through).
+
+Standardisation uses each fold's training statistics (mean and standard
+deviation over its non-held-out rows) and is folded into the first weight
+matrix, ``(x - mu) / sd @ w = x @ (w / sd) - mu @ (w / sd)``, so no
+per-fold copy of the features is made. Features that are constant on the
+training rows (zero padding among them) get ``1 / sd = 0``: they are
+ignored, and their weights stay exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxleak.errors import InputError
+from jaxleak.grads import TRACE_COUNTS
+
+FAMILIES = ("linear", "mlp")
+CLASSIFICATION = "classification"
+REGRESSION = "regression"
+
+
+class Member(NamedTuple):
+    """One configuration of attack model: family, L2 weight decay, seed, hidden width (MLP only)."""
+
+    family: str
+    weight_decay: float
+    seed: int
+    hidden: int = 0
+
+    def describe(self) -> str:
+        if self.family == "linear":
+            return f"linear wd={self.weight_decay:g}"
+        return f"mlp(hidden={self.hidden}) wd={self.weight_decay:g} seed={self.seed}"
+
+
+def make_members(family: Sequence[str] = FAMILIES, weight_decays: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1),
+                 seeds: int = 2, hidden: int = 32, seed: int = 0) -> list[Member]:
+    """The members of an ensemble, grouped by family in the order of ``family``.
+
+    Linear members start from zero (the ignorant predictor) and train
+    full-batch on a convex loss, so seeds would give identical copies: the
+    linear family has one member per weight decay. The MLP family (one hidden
+    ReLU layer of width ``hidden``) has one member per weight decay and seed,
+    seeds ``seed, seed + 1, ..., seed + seeds - 1``.
+    """
+    family = (family,) if isinstance(family, str) else tuple(family)
+    if not family:
+        raise InputError("family is empty; give at least one of 'linear', 'mlp'")
+    for name in family:
+        if name not in FAMILIES:
+            raise InputError(f"unknown attack family {name!r}; known families are {list(FAMILIES)}")
+    if len(set(family)) != len(family):
+        raise InputError(f"family lists a family twice: {list(family)}")
+    wds = [float(w) for w in np.atleast_1d(np.asarray(weight_decays, dtype=np.float64))]
+    if not wds or not all(math.isfinite(w) and w >= 0 for w in wds):
+        raise InputError(f"weight_decays must be a non-empty list of finite numbers >= 0, got {weight_decays!r}")
+    if not isinstance(seeds, (int, np.integer)) or seeds < 1:
+        raise InputError(f"seeds must be a positive integer (the number of seeds per MLP configuration), got {seeds!r}")
+    if "mlp" in family and (not isinstance(hidden, (int, np.integer)) or hidden < 1):
+        raise InputError(f"hidden must be a positive integer (the MLP's hidden width), got {hidden!r}")
+    out = []
+    for name in family:
+        if name == "linear":
+            out += [Member("linear", w, int(seed)) for w in wds]
+        else:
+            out += [Member("mlp", w, int(seed) + s, int(hidden)) for w in wds for s in range(seeds)]
+    return out
+
+
+class Split(NamedTuple):
+    """Cross-fitting roles of N examples in F folds, boolean ``(F, N)`` each.
+
+    In every fold the three masks are disjoint; ``fold_of[i]`` is the fold
+    whose model scores example i (each example is held out exactly once).
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    fold_of: np.ndarray
+
+
+def _stratified_order(index: np.ndarray, strata: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """``index`` shuffled, then grouped by stratum (random order inside each stratum)."""
+    perm = index[rng.permutation(index.size)]
+    if strata is None:
+        return perm
+    return perm[np.argsort(strata[perm], kind="stable")]
+
+
+def cross_fit_split(n: int, folds: int = 5, *, val_fraction: float = 0.2, seed: int = 0,
+                    strata: np.ndarray | None = None) -> Split:
+    """k-fold cross-fitting with a validation split carved from each training part.
+
+    Examples are dealt to ``folds`` held-out folds (stratified by ``strata``,
+    e.g. class labels, when given); in fold f the other examples are split
+    into validation (``val_fraction`` of them, stratified, spread evenly over
+    a seeded shuffle) and training.
+    """
+    if not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise InputError(f"folds must be an integer >= 2 (k-fold cross-fitting), got {folds!r}")
+    if not 0 < val_fraction < 1:
+        raise InputError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if n < 3 * folds:
+        raise InputError(f"{n} examples are too few for {folds} folds; give at least {3 * folds}")
+    rng = np.random.default_rng(seed)
+    order = _stratified_order(np.arange(n), strata, rng)
+    fold_of = np.empty(n, np.int32)
+    fold_of[order] = np.arange(n) % folds
+    train = np.zeros((folds, n), bool)
+    val = np.zeros((folds, n), bool)
+    test = fold_of[None, :] == np.arange(folds)[:, None]
+    for f in range(folds):
+        rest = _stratified_order(np.flatnonzero(~test[f]), strata, rng)
+        pos = np.arange(rest.size)
+        is_val = np.floor((pos + 1) * val_fraction) > np.floor(pos * val_fraction)
+        val[f, rest[is_val]] = True
+        train[f, rest[~is_val]] = True
+    return Split(train, val, test, fold_of)
+
+
+def single_split(n: int, *, test_fraction: float = 0.2, val_fraction: float = 0.2, seed: int = 0,
+                 strata: np.ndarray | None = None) -> Split:
+    """One train/validation/test split (F = 1); the examples outside the test set are never scored."""
+    rng = np.random.default_rng(seed)
+    order = _stratified_order(np.arange(n), strata, rng)
+    pos = np.arange(n)
+    is_test = np.floor((pos + 1) * test_fraction) > np.floor(pos * test_fraction)
+    test = np.zeros((1, n), bool)
+    test[0, order[is_test]] = True
+    rest = _stratified_order(np.flatnonzero(~test[0]), strata, rng)
+    pos = np.arange(rest.size)
+    is_val = np.floor((pos + 1) * val_fraction) > np.floor(pos * val_fraction)
+    val = np.zeros((1, n), bool)
+    train = np.zeros((1, n), bool)
+    val[0, rest[is_val]] = True
+    train[0, rest[~is_val]] = True
+    return Split(train, val, test, np.zeros(n, np.int32))
+
+
+class EnsembleFit(NamedTuple):
+    """What :func:`fit_ensemble` returns (L layers, F folds, M members, N examples, K outputs).
+
+    Losses are per example in the target's own units: cross-entropy in nats
+    (classification) or the squared error summed over the D target dimensions
+    (regression).
+
+    Attributes:
+      members: the M members, in the order of the member axis.
+      val_loss: (L, F, M) best validation loss of each member (training units:
+        nats, or half the mean squared error per dimension of the standardised
+        target), the criterion of selection.
+      best_step: (L, F, M) the step whose parameters were kept (0 = the
+        ignorant initial predictor).
+      member_test_loss: (L, F, M) mean held-out loss of every member, for
+        diagnostics only (selection never reads it).
+      chosen: (L, F) index of the member chosen in each fold (lowest
+        validation loss), or -1 where it did not beat the ignorant predictor
+        on validation by ``min_gain_se`` standard errors.
+      val_gain: (L, F) validation loss of the ignorant predictor minus that of
+        the lowest-validation member (per example, target units).
+      val_gain_se: (L, F) standard error of that paired difference.
+      heldout_loss: (L, N) loss of example i under the chosen member (or the
+        ignorant predictor) of the fold that held it out.
+      heldout_pred: (L, N, K) that member's prediction: class probabilities,
+        or the reconstruction in the target's units.
+      null_loss: (N,) loss of the ignorant predictor of i's fold (smoothed
+        class frequencies, or the training mean).
+      null_pred: (N, K) its prediction.
+      steps_run: optimisation steps taken (less than asked when every member
+        stopped improving for ``patience`` steps).
+    """
+
+    members: tuple[Member, ...]
+    val_loss: np.ndarray
+    best_step: np.ndarray
+    member_test_loss: np.ndarray
+    chosen: np.ndarray
+    val_gain: np.ndarray
+    val_gain_se: np.ndarray
+    heldout_loss: np.ndarray
+    heldout_pred: np.ndarray
+    null_loss: np.ndarray
+    null_pred: np.ndarray
+    steps_run: int
+
+
+class _Spec(NamedTuple):
+    """Static structure of an ensemble: what the compiled functions depend on besides shapes."""
+
+    kind: str
+    families: tuple[tuple[str, int, int], ...]  # (family, hidden, number of members)
+
+
+class _State(NamedTuple):
+    params: dict
+    opt_state: optax.OptState
+    best_params: dict
+    best_val: dict
+    best_step: dict
+    step: jax.Array
+
+
+# ---------------------------------------------------------------- one member
+
+def _first_layer(w, x, mu, inv_sd):
+    """(x - mu) * inv_sd @ w without forming the standardised x."""
+    w_eff = w * inv_sd[:, None]
+    return x @ w_eff - mu @ w_eff
+
+
+def _apply(family: str, p: dict, x, mu, inv_sd):
+    """One member's output (N, K) on raw features x (N, W), standardised with (mu, inv_sd)."""
+    if family == "linear":
+        return _first_layer(p["w"], x, mu, inv_sd) + p["b"]
+    h = jax.nn.relu(_first_layer(p["w1"], x, mu, inv_sd) + p["b1"])
+    return h @ p["w2"] + p["b2"]
+
+
+def _penalty(p: dict):
+    return sum(jnp.sum(jnp.square(v)) for k, v in p.items() if k.startswith("w"))
+
+
+def _train_loss(kind: str, out, t):
+    """Per-example training loss (N,): nats, or half the mean squared error per dim of the standardised target."""
+    if kind == CLASSIFICATION:
+        return optax.softmax_cross_entropy_with_integer_labels(out, t)
+    return 0.5 * jnp.mean(jnp.square(out - t), axis=-1)
+
+
+def _masked_mean(values, mask):
+    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def _family_objective(kind, family, params, wd, x, mu, inv_sd, t, train, val):
+    """Objectives and validation losses of one family, all (L, F, M)."""
+
+    def member(p, wd_m, x_l, mu_lf, isd_lf, t_f, tr_f, va_f):
+        ex = _train_loss(kind, _apply(family, p, x_l, mu_lf, isd_lf), t_f)
+        obj = _masked_mean(ex, tr_f) + 0.5 * wd_m * _penalty(p)
+        return obj, jax.lax.stop_gradient(_masked_mean(ex, va_f))
+
+    over_m = jax.vmap(member, in_axes=(0, 0, None, None, None, None, None, None))
+    over_f = jax.vmap(over_m, in_axes=(0, None, None, 0, 0, 0, 0, 0))
+    over_l = jax.vmap(over_f, in_axes=(0, None, 0, 0, 0, None, None, None))
+    return over_l(params, wd, x, mu, inv_sd, t, train, val)
+
+
+# ---------------------------------------------------------------- the compiled pieces
+
+def _optimizer(lr, steps):
+    """Adam with a cosine decay of the learning rate to zero over the step budget."""
+    schedule = lambda count: lr * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(count, steps) / steps))  # noqa: E731
+    return optax.adam(schedule)
+
+
+def _total(params, spec: _Spec, data: dict):
+    total, vals = 0.0, {}
+    for family, _, _ in spec.families:
+        obj, val = _family_objective(spec.kind, family, params[family], data["wd"][family], data["x"], data["mu"],
+                                     data["inv_sd"], data["t_train"], data["train"], data["val"])
+        total = total + jnp.sum(obj)
+        vals[family] = val
+    return total, vals
+
+
+def _segment(state: _State, data: dict, num_steps, spec: _Spec) -> _State:
+    """``num_steps`` full-batch Adam steps of every member, keeping each member's best validated parameters."""
+    TRACE_COUNTS["ensemble_segment"] += 1
+    opt = _optimizer(data["lr"], data["steps"])
+
+    def where_better(better, new, old):
+        return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new, old)
+
+    def body(_, s: _State) -> _State:
+        (_, vals), grads = jax.value_and_grad(_total, has_aux=True)(s.params, spec, data)
+        better = {f: vals[f] < s.best_val[f] for f in vals}
+        best_params = {f: jax.tree.map(lambda n, o, b=better[f]: where_better(b, n, o), s.params[f], s.best_params[f])
+                       for f in vals}
+        best_val = {f: jnp.where(better[f], vals[f], s.best_val[f]) for f in vals}
+        best_step = {f: jnp.where(better[f], s.step, s.best_step[f]) for f in vals}
+        updates, opt_state = opt.update(grads, s.opt_state, s.params)
+        return _State(optax.apply_updates(s.params, updates), opt_state, best_params, best_val, best_step, s.step + 1)
+
+    return jax.lax.fori_loop(0, num_steps, body, state)
+
+
+_segment_jit = jax.jit(_segment, static_argnames=("spec",))
+
+
+def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):
+    """Held-out losses of every member, the chosen member per fold, and its held-out predictions."""
+    TRACE_COUNTS["ensemble_score"] += 1
+    test, fold_of = data["test"], data["fold_of"]
+    n = fold_of.shape[0]
+
+    def layer(args):
+        params_l, x_l, mu_l, isd_l, val_l = args
+        outs = []
+        for family, _, _ in spec.families:
+            member = lambda p, mu_f, isd_f, fam=family: _apply(fam, p, x_l, mu_f, isd_f)  # noqa: E731
+            outs.append(jax.vmap(jax.vmap(member, in_axes=(0, None, None)))(params_l[family], mu_l, isd_l))
+        out = jnp.concatenate(outs, axis=1)  # (F, M, N, K)
+        if spec.kind == CLASSIFICATION:
+            loss = optax.softmax_cross_entropy_with_integer_labels(out, jnp.broadcast_to(data["y"], out.shape[:-1]))
+            pred = jax.nn.softmax(out, axis=-1)
+        else:
+            pred = data["t_mean"][:, None, None, :] + data["t_scale"][:, None, None, None] * out
+            loss = jnp.sum(jnp.square(pred - data["t"]), axis=-1)
+        member_test = jax.vmap(jax.vmap(_masked_mean, in_axes=(0, None)))(loss, test)  # (F, M)
+        chosen = jnp.argmin(val_l, axis=1)  # (F,)
+        folds = jnp.arange(chosen.shape[0])
+        loss_c = loss[folds, chosen]  # (F, N): every row under each fold's chosen member
+        pred_c = pred[fold_of, chosen[fold_of], jnp.arange(n)]  # (N, K): each row under its own held-out fold
+        return member_test, chosen, loss_c, pred_c
+
+    val = jnp.concatenate([best_val[f] for f, _, _ in spec.families], axis=2)
+    return jax.lax.map(layer, (best_params, data["x"], data["mu"], data["inv_sd"], val))
+
+
+_score_jit = jax.jit(_score, static_argnames=("spec",))
+
+
+# ---------------------------------------------------------------- set-up on the host
+
+def _fold_standardisation(x: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-fold feature mean and 1/sd over each fold's non-held-out rows: (L, F, W) each."""
+    counts = keep.sum(axis=1).astype(np.float64)[None, :, None]
+    w = keep.astype(np.float32)
+    mu = np.einsum("fn,lnw->lfw", w, x) / counts
+    sq = np.einsum("fn,lnw->lfw", w, np.square(x)) / counts
+    sd = np.sqrt(np.maximum(sq - np.square(mu), 0.0))
+    # After the caller's global standardisation, a feature with sd ~ 1e-6 on
+    # the training rows is constant up to float rounding: ignore it.
+    inv_sd = np.where(sd > 1e-6, 1.0 / np.maximum(sd, 1e-30), 0.0)
+    return mu.astype(np.float32), inv_sd.astype(np.float32)
+
+
+def _init_params(spec: _Spec, members: Sequence[Member], widths: np.ndarray, shape_lf: tuple[int, int],
+                 width: int, k: int, b0: np.ndarray) -> dict:
+    """Initial parameters, leading axes (L, F, M): every member starts as the ignorant predictor.
+
+    Output weights are zero and the output bias is the fold's null prediction
+    (log smoothed class frequencies; 0 = the training mean for regression).
+    MLP input weights are He-normal over the layer's true width; rows of
+    zero padding start (and stay) at zero.
+    """
+    num_l, num_f = shape_lf
+    params, start = {}, 0
+    b0 = jnp.asarray(b0, jnp.float32)  # (F, K)
+    for family, hidden, m in spec.families:
+        group = members[start:start + m]
+        start += m
+        bias = jnp.broadcast_to(b0[None, :, None, :], (num_l, num_f, m, k))
+        if family == "linear":
+            params[family] = {"w": jnp.zeros((num_l, num_f, m, width, k), jnp.float32), "b": bias}
+            continue
+        rows = (np.arange(width)[None, :] < widths[:, None]).astype(np.float32)  # (L, W)
+        scale = np.sqrt(2.0 / np.maximum(widths, 1)).astype(np.float32)[:, None] * rows
+        w1 = jnp.stack([jax.random.normal(jax.random.key(mem.seed), (num_l, num_f, width, hidden), jnp.float32)
+                        for mem in group], axis=2)
+        w1 = w1 * jnp.asarray(scale)[:, None, None, :, None]
+        params[family] = {
+            "w1": w1,
+            "b1": jnp.zeros((num_l, num_f, m, hidden), jnp.float32),
+            "w2": jnp.zeros((num_l, num_f, m, hidden, k), jnp.float32),
+            "b2": bias,
+        }
+    return params
+
+
+def _check_split(split: Split, n: int) -> None:
+    for name in ("train", "val", "test"):
+        mask = np.asarray(getattr(split, name))
+        if mask.ndim != 2 or mask.shape[1] != n or mask.dtype != bool:
+            raise InputError(f"split.{name} must be a boolean (folds, {n}) array, got {mask.dtype} {mask.shape}")
+        if not np.all(mask.sum(axis=1) > 0):
+            raise InputError(f"split.{name} leaves a fold without any {name} example")
+    if np.any(split.train & split.val) or np.any(split.train & split.test) or np.any(split.val & split.test):
+        raise InputError("split.train, split.val and split.test must be disjoint in every fold")
+    fold_of = np.asarray(split.fold_of)
+    if fold_of.shape != (n,):
+        raise InputError(f"split.fold_of must have shape ({n},), got {fold_of.shape}")
+
+
+def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members: Sequence[Member], *,
+                 kind: str, num_classes: int | None = None, widths: np.ndarray | None = None, steps: int = 300,
+                 lr: float = 0.05, patience: int | None = 100, min_gain_se: float | None = 2.0,
+                 segment: int | None = None, progress: bool = False) -> EnsembleFit:
+    """Train every member on every layer and fold at once; select per fold by validation loss; score held out.
+
+    Args:
+      features: (L, N, W) float features of L layers at a common width W
+        (zero-padded); standardised here per fold, so any affine scaling of
+        a column is irrelevant.
+      target: (N,) int classes in [0, num_classes) for ``kind='classification'``,
+        or (N, D) floats for ``kind='regression'``.
+      split: cross-fitting roles (:func:`cross_fit_split`, :func:`single_split`).
+      members: ensemble members (:func:`make_members`), grouped by family.
+      widths: (L,) true width of each layer before padding (default W).
+      steps: step budget of full-batch Adam at learning rate ``lr``.
+      patience: stop early once no member of any layer or fold has improved
+        its validation loss for this many steps (None: run all steps). Each
+        member keeps the parameters of its best validation step either way.
+      min_gain_se: keep a fold's chosen member only if its validation loss
+        beats the ignorant predictor's by more than this many standard
+        errors of the paired per-example difference; otherwise the fold is
+        scored by the ignorant predictor (``chosen = -1``). None keeps the
+        chosen member always.
+      segment: steps per compiled segment (progress and stopping are checked
+        between segments); default max(10, steps // 20).
+
+    Objective of a member with weight decay lambda: mean training loss +
+    lambda / 2 * (sum of squared weights, biases excluded) on standardised
+    features (and, for regression, the target standardised by the fold's
+    training mean and one overall scale).
+    """
+    x = np.asarray(features, np.float32)
+    if x.ndim != 3:
+        raise InputError(f"features must be a (layers, examples, width) array, got shape {x.shape}")
+    num_l, n, width = x.shape
+    _check_split(split, n)
+    if kind not in (CLASSIFICATION, REGRESSION):
+        raise InputError(f"kind must be {CLASSIFICATION!r} or {REGRESSION!r}, got {kind!r}")
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise InputError(f"lr must be a positive number, got {lr!r}")
+    members = tuple(members)
+    families = []
+    for mem in members:
+        if families and families[-1][0] == mem.family:
+            families[-1][2] += 1
+        elif any(f[0] == mem.family for f in families):
+            raise InputError("members must be grouped by family (as make_members returns them)")
+        else:
+            families.append([mem.family, mem.hidden, 1])
+    if any(mem.hidden != families[[f[0] for f in families].index(mem.family)][1] for mem in members):
+        raise InputError("all MLP members must have the same hidden width")
+    spec = _Spec(kind, tuple((f, int(h), int(m)) for f, h, m in families))
+    widths = np.full(num_l, width) if widths is None else np.asarray(widths)
+    num_f = split.train.shape[0]
+    keep = split.train | split.val
+    mu, inv_sd = _fold_standardisation(x, keep)
+
+    data = {"x": jnp.asarray(x), "mu": jnp.asarray(mu), "inv_sd": jnp.asarray(inv_sd),
+            "train": jnp.asarray(split.train), "val": jnp.asarray(split.val), "test": jnp.asarray(split.test),
+            "fold_of": jnp.asarray(split.fold_of, jnp.int32), "lr": jnp.float32(lr),
+            "wd": {}}
+    start = 0
+    for family, _, m in spec.families:
+        data["wd"][family] = jnp.asarray([mem.weight_decay for mem in members[start:start + m]], jnp.float32)
+        start += m
+    counts = keep.sum(axis=1)
+    if kind == CLASSIFICATION:
+        y = np.asarray(target).astype(np.int32)
+        k = int(num_classes)
+        freq = np.stack([np.bincount(y[keep[f]], minlength=k) for f in range(num_f)]).astype(np.float64)
+        prior = (freq + 1.0) / (counts[:, None] + k)  # Laplace-smoothed training frequencies
+        b0 = np.log(prior)
+        null_fold_pred = prior
+        null_fold_loss = -np.log(prior[:, y])  # (F, N): every row under each fold's null
+        data["y"] = jnp.asarray(y)
+        data["t_train"] = jnp.broadcast_to(data["y"], (num_f, n))
+    else:
+        t = np.asarray(target, np.float64).reshape(n, -1)
+        k = t.shape[1]
+        t_mean = np.stack([t[keep[f]].mean(axis=0) for f in range(num_f)])
+        t_scale = np.sqrt(np.stack([t[keep[f]].var(axis=0).mean() for f in range(num_f)]))
+        t_scale = np.where(t_scale > 0, t_scale, 1.0)
+        b0 = np.zeros((num_f, k))
+        null_fold_pred = t_mean
+        null_fold_loss = np.sum(np.square(t[None] - t_mean[:, None]), axis=2)
+        data["t"] = jnp.asarray(t, jnp.float32)
+        data["t_mean"] = jnp.asarray(t_mean, jnp.float32)
+        data["t_scale"] = jnp.asarray(t_scale, jnp.float32)
+        data["t_train"] = jnp.asarray((t[None] - t_mean[:, None]) / t_scale[:, None, None], jnp.float32)
+
+    params = _init_params(spec, members, widths, (num_l, num_f), width, k, b0)
+    data["steps"] = jnp.float32(steps)
+    opt_state = _optimizer(data["lr"], data["steps"]).init(params)
+    shape = lambda m: (num_l, num_f, m)  # noqa: E731
+    state = _State(params, opt_state, params,
+                   {f: jnp.full(shape(m), jnp.inf, jnp.float32) for f, _, m in spec.families},
+                   {f: jnp.zeros(shape(m), jnp.int32) for f, _, m in spec.families}, jnp.int32(0))
+
+    segment = int(segment or max(10, steps // 20))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=int(steps), desc="attack ensemble", unit="step", leave=False)
+    done = 0
+    try:
+        while done < steps:
+            count = min(segment, steps - done)
+            state = _segment_jit(state, data, jnp.int32(count), spec=spec)
+            done += count
+            if bar is not None:
+                bar.update(count)
+            if patience is not None:
+                stalled = all(bool(jnp.all(state.step - 1 - s > patience)) for s in state.best_step.values())
+                if stalled:
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+
+    member_test, chosen, loss_c, pred_c = _score_jit(state.best_params, state.best_val, data, spec=spec)
+    chosen = np.array(chosen)
+    loss_c = np.asarray(loss_c, np.float64)
+    # Validation gain of each fold's chosen member over the ignorant predictor, paired per example.
+    gain = np.zeros((num_l, num_f))
+    gain_se = np.zeros((num_l, num_f))
+    for f in range(num_f):
+        diff = null_fold_loss[f, split.val[f]][None] - loss_c[:, f, split.val[f]]
+        gain[:, f] = diff.mean(axis=1)
+        gain_se[:, f] = diff.std(axis=1, ddof=1) / math.sqrt(diff.shape[1]) if diff.shape[1] > 1 else np.inf
+    if min_gain_se is not None:
+        chosen[~(gain > min_gain_se * gain_se)] = -1
+    rows = np.arange(n)
+    use = chosen[:, split.fold_of] >= 0  # (L, N)
+    heldout_loss = np.where(use, loss_c[:, split.fold_of, rows], null_fold_loss[split.fold_of, rows][None])
+    null_pred = null_fold_pred[split.fold_of]
+    heldout_pred = np.where(use[..., None], np.asarray(pred_c, np.float64), null_pred[None])
+    val = np.concatenate([np.asarray(state.best_val[f]) for f, _, _ in spec.families], axis=2)
+    best_step = np.concatenate([np.asarray(state.best_step[f]) for f, _, _ in spec.families], axis=2)
+    return EnsembleFit(members, val, best_step, np.asarray(member_test), chosen, gain, gain_se, heldout_loss,
+                       heldout_pred, null_fold_loss[split.fold_of, rows], null_pred, done)

@@ -1,0 +1,206 @@
+"""Tests of empirical V-information (jaxleak/vinfo.py) and its ensemble engine (jaxleak/ensemble.py).
+
+References are independent of the estimator: closed-form mutual information
+of jointly Gaussian variables and of a logistic model (1-D Gauss-Hermite
+quadrature), shuffled labels (no information), and selection invariance under
+poisoned held-out targets (by construction).
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from jaxleak import data, ensemble
+from jaxleak.errors import InputError
+from jaxleak.grads import TRACE_COUNTS
+from jaxleak.task import Task
+from jaxleak.vinfo import v_information, v_information_from_features
+
+N = 2000
+D = 4
+FAST = dict(steps=150, folds=5, n_boot=500)
+
+
+def logistic_mi_bits(beta: np.ndarray) -> float:
+    """I(G; Y) for G ~ N(0, I), P(Y=1 | G) = sigmoid(beta . G): a 1-D integral over s = beta . G."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(200)
+    s = nodes * np.linalg.norm(beta)
+    weights = weights / weights.sum()
+    p = 1.0 / (1.0 + np.exp(-s))
+
+    def h(q):
+        q = np.clip(q, 1e-300, 1.0)
+        r = np.clip(1.0 - q, 1e-300, 1.0)
+        return -(q * np.log2(q) + (1 - q) * np.log2(r))
+
+    return float(h(np.sum(weights * p)) - np.sum(weights * h(p)))
+
+
+@pytest.fixture(scope="module")
+def logistic():
+    rng = np.random.default_rng(0)
+    beta = np.array([2.0, -1.0, 0.5, 0.0])
+    signal = rng.normal(size=(N, D))
+    y = (rng.random(N) < 1.0 / (1.0 + np.exp(-(signal @ beta)))).astype(np.int32)
+    noise = rng.normal(size=(N, D))
+    features = {"signal": signal.astype(np.float32), "noise": noise.astype(np.float32)}
+    return features, y, logistic_mi_bits(beta)
+
+
+@pytest.fixture(scope="module")
+def logistic_scores(logistic):
+    features, y, _ = logistic
+    return v_information_from_features(features, y, family=("linear",), seed=0, **FAST)
+
+
+def test_logistic_target_matches_mutual_information(logistic, logistic_scores):
+    _, y, truth = logistic
+    s = logistic_scores["signal"]
+    assert 0.2 < truth < 0.6
+    assert s.ci[0] <= truth <= s.ci[1], (s.value, s.ci, truth)
+    assert abs(s.value - truth) < 0.06
+    assert logistic_scores.unit == "bits"
+    assert s["h_null"] - s["h_cond"] == pytest.approx(s.value, abs=1e-9)
+    # H_V(T|0) under smoothed training-fold frequencies is the label entropy up to smoothing.
+    freq = np.bincount(y) / y.size
+    assert s["h_null"] == pytest.approx(-np.sum(freq * np.log2(freq)), abs=0.01)
+    assert s["accuracy"] > 0.7 and 0.5 < s["roc_auc"] <= 1.0 and 0.6 < s["balanced_accuracy"] <= 1.0
+
+
+def test_independent_features_carry_nothing(logistic_scores):
+    s = logistic_scores["noise"]
+    assert s.ci[0] <= 0.0 <= s.ci[1], (s.value, s.ci)
+    assert s["accuracy"] < 0.7
+
+
+def test_shuffled_labels_ci_includes_zero_and_no_retrace(logistic, logistic_scores):
+    features, y, _ = logistic
+    before = dict(TRACE_COUNTS)
+    for seed in (1, 2):
+        shuffled = np.random.default_rng(seed).permutation(y)
+        scores = v_information_from_features(features, shuffled, family=("linear",), seed=0, **FAST)
+        for name, s in scores.items():
+            assert s.ci[0] <= 0.0 <= s.ci[1], (seed, name, s.value, s.ci)
+    # Same shapes and members: the ensemble is not traced again.
+    assert TRACE_COUNTS["ensemble_segment"] == before["ensemble_segment"]
+    assert TRACE_COUNTS["ensemble_score"] == before["ensemble_score"]
+
+
+def test_gaussian_target_matches_closed_form():
+    rho = 0.8
+    rng = np.random.default_rng(3)
+    g = rng.normal(size=(N, 4))
+    direction = np.array([1.0, -1.0, 0.5, 0.0]) / np.linalg.norm([1.0, -1.0, 0.5, 0.0])
+    t = rho * (g @ direction) + math.sqrt(1 - rho ** 2) * rng.normal(size=N)
+    t = 3.0 * t + 5.0  # the estimate is invariant to the target's location and scale
+    scores = v_information_from_features({"g": g}, t[:, None], family=("linear",), seed=0, **FAST)
+    s = scores["g"]
+    truth = -0.5 * math.log2(1 - rho ** 2)
+    assert scores.unit == "bits/dim"
+    assert s.ci[0] <= truth <= s.ci[1], (s.value, s.ci, truth)
+    assert abs(s.value - truth) < 0.06
+    # MSE_0 is the error of the training mean: close to the target variance.
+    assert s["mse_null"] == pytest.approx(9.0 * np.var(t / 3.0), rel=0.01)
+    assert 0.5 * math.log2(s["mse_null"] / s["mse"]) == pytest.approx(s.value, abs=1e-9)
+
+
+def test_member_selection_never_reads_held_out_targets():
+    rng = np.random.default_rng(5)
+    n = 300
+    x = rng.normal(size=(2, n, 6)).astype(np.float32)
+    y = (x[0, :, 0] + 0.5 * rng.normal(size=n) > 0).astype(np.int32)
+    split = ensemble.cross_fit_split(n, 3, seed=0, strata=y)
+    members = ensemble.make_members(("linear", "mlp"), (1e-3, 1e-1), seeds=2, hidden=4)
+    kw = dict(kind="classification", num_classes=2, steps=60, patience=None)
+    clean = ensemble.fit_ensemble(x, y, split, members, **kw)
+    poisoned_y = y.copy()
+    poisoned_y[split.test[0]] = 1 - poisoned_y[split.test[0]]
+    poisoned = ensemble.fit_ensemble(x, poisoned_y, split, members, **kw)
+    # Fold 0's training, early stopping and selection are unchanged ...
+    np.testing.assert_array_equal(clean.chosen[:, 0], poisoned.chosen[:, 0])
+    np.testing.assert_array_equal(clean.best_step[:, 0], poisoned.best_step[:, 0])
+    np.testing.assert_array_equal(clean.val_loss[:, 0], poisoned.val_loss[:, 0])
+    np.testing.assert_array_equal(clean.val_gain[:, 0], poisoned.val_gain[:, 0])
+    # ... while its held-out scores do see the poison (the test can fail).
+    assert not np.allclose(clean.heldout_loss[:, split.test[0]], poisoned.heldout_loss[:, split.test[0]])
+    # Every example is held out exactly once.
+    np.testing.assert_array_equal(split.test.sum(axis=0), np.ones(n))
+    assert not np.any(split.test & (split.train | split.val))
+
+
+def test_zero_padding_leaves_a_layer_unchanged():
+    rng = np.random.default_rng(7)
+    n = 300
+    narrow = rng.normal(size=(n, 3))
+    y = (narrow @ np.array([1.5, -1.0, 0.0]) + rng.normal(size=n) > 0).astype(np.int32)
+    kw = dict(family=("linear",), steps=60, n_boot=100, folds=3, seed=0)
+    alone = v_information_from_features({"narrow": narrow}, y, **kw)
+    padded = v_information_from_features({"narrow": narrow, "wide": rng.normal(size=(n, 9))}, y, **kw)
+    assert padded["narrow"]["features"] == 3
+    assert padded["narrow"].value == pytest.approx(alone["narrow"].value, abs=1e-4)
+    assert padded["narrow"]["members_chosen"] == alone["narrow"]["members_chosen"]
+
+
+def test_wide_features_are_sketched_and_flagged():
+    rng = np.random.default_rng(8)
+    n = 200
+    wide = rng.normal(size=(n, 40))
+    y = (wide[:, :5].sum(axis=1) > 0).astype(np.int32)
+    scores = v_information_from_features({"wide": wide, "small": wide[:, :4]}, y, family=("linear",), steps=30,
+                                         sketch_dim=16, folds=3, n_boot=50)
+    assert scores["wide"]["features"] == 16 and scores["wide"]["sketched_from"] == 40
+    assert scores["small"]["sketched_from"] is None
+    assert scores.meta["sketched_layers"] == ["wide"] and "lower bound" in scores.meta["lower_bound"]
+    d = scores.to_dict()
+    assert set(d["layers"]["wide"]) >= {"value", "ci", "h_null", "h_cond", "accuracy", "roc_auc", "best_member"}
+
+
+def test_input_reconstruction_on_a_model(digits):
+    ds = digits.subset(np.arange(150))
+    task = Task.init("mlp", ds, seed=0)
+    scores = v_information(task, ds.x, ds.y, "input", family=("linear",), sketch_dim=32, steps=30, folds=3,
+                           n_boot=50)
+    assert list(scores) == task.layer_names and scores.unit == "bits/dim"
+    for s in scores.values():
+        assert math.isfinite(s.value) and s.ci[0] <= s.ci[1]
+        assert {"mse", "mse_null", "psnr", "ssim", "h_null", "h_cond"} <= set(s.extras)
+        assert 10 * math.log10(1.0 / s["mse"]) == pytest.approx(s["psnr"], abs=3.0)
+    # MSE_0 per pixel is at most the pixel variance plus fold-to-fold mean shifts.
+    assert scores["Dense_0"]["mse_null"] == pytest.approx(np.var(ds.x, axis=0).mean(), rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "features, target, match",
+    [
+        ({"a": np.zeros((10, 3))}, np.zeros(9, int), "first axis"),
+        ({"a": np.zeros((10, 3)), "b": np.zeros((9, 3))}, np.zeros(10, int), "layer 'b'"),
+        ({"a": np.full((10, 3), np.nan)}, np.zeros(10, int), "NaN"),
+        ({"a": np.zeros((10, 3))}, np.zeros(10, int), "single class"),
+        ({"a": np.zeros((10, 3))}, np.array(["a"] * 10), "integer classes or floating"),
+        ({}, np.zeros(10, int), "non-empty"),
+    ],
+)
+def test_bad_inputs_are_named(features, target, match):
+    with pytest.raises(InputError, match=match):
+        v_information_from_features(features, target)
+
+
+def test_bad_options_are_named():
+    f = {"a": np.random.default_rng(0).normal(size=(60, 3))}
+    y = np.arange(60) % 2
+    with pytest.raises(InputError, match="unknown attack family 'svm'"):
+        v_information_from_features(f, y, family=("svm",))
+    with pytest.raises(InputError, match="folds"):
+        v_information_from_features(f, y, folds=1)
+    with pytest.raises(InputError, match="weight_decays"):
+        v_information_from_features(f, y, weight_decays=(-1.0,))
+
+
+def test_bad_target_for_a_model(digits):
+    ds = digits.subset(np.arange(20))
+    task = Task.init("mlp", ds, seed=0)
+    with pytest.raises(InputError, match="'input'"):
+        v_information(task, ds.x, ds.y, "inputs")
+    with pytest.raises(InputError, match="latent target"):
+        v_information(task, ds.x, ds.y, ds.latent["thickness"][:10])
