@@ -38,6 +38,31 @@ def _grad_norm(task, x, y, z, opts, progress):
     return grad_norms(task, x, y, chunk_size=opts.get("chunk_size"), progress=progress)
 
 
+def _sensitivity(task, x, y, z, opts, progress):
+    from jaxleak.sensitivity import sensitivity
+
+    return sensitivity(task, x, y, probes=opts.get("probes", 16), seed=opts.get("seed", 0),
+                       chunk_size=opts.get("chunk_size"), noise_std=opts.get("noise_std"), progress=progress)
+
+
+def _subspace(task, x, y, z, opts, progress):
+    from jaxleak.subspace import subspace_distance
+
+    return subspace_distance(task, x, y, z, permutations=opts.get("permutations", 20), seed=opts.get("seed", 0),
+                             progress=progress)
+
+
+def _vinfo(target_kind: str):
+    def compute(task, x, y, z, opts, progress):
+        from jaxleak.vinfo import v_information
+
+        target = z if target_kind == "latent" else "input"
+        return v_information(task, x, y, target, sketch_dim=opts.get("sketch_dim", 1024), seed=opts.get("seed", 0),
+                             progress=progress)
+
+    return compute
+
+
 REGISTRY: dict[str, Measure] = {}
 
 
@@ -56,3 +81,10 @@ def names() -> list[str]:
 
 
 register(Measure("grad_norm", "grad norm", "value", "mean ||g_l||", _grad_norm))
+register(Measure("sensitivity", "sensitivity R", "value", "relative sensitivity R_l", _sensitivity))
+register(Measure("subspace_distance", "subspace excess", "excess", "subspace distance excess over null",
+                 _subspace, needs_latent=True))
+register(Measure("v_information.latent", "V-info latent (bits)", "value", "I_V(g_l -> z) [bits]",
+                 _vinfo("latent"), needs_latent=True))
+register(Measure("v_information.original", "V-info input (bits/dim)", "value", "I_V(g_l -> x) [bits/dim]",
+                 _vinfo("input")))
