@@ -9,6 +9,7 @@ after the first call.
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -50,7 +51,7 @@ def map_chunks(fn: Callable, arrays: Sequence[np.ndarray], chunk_size: int, *, d
     Outputs are gathered on the host.
     """
     n = int(arrays[0].shape[0])
-    out: dict[str, list] = {}
+    out: dict[str, np.ndarray] = {}
     starts = range(0, n, chunk_size)
     if progress and desc and len(starts) > 1:
         from tqdm.auto import tqdm
@@ -66,9 +67,14 @@ def map_chunks(fn: Callable, arrays: Sequence[np.ndarray], chunk_size: int, *, d
                 part = np.concatenate([part, np.repeat(part[:1], pad, axis=0)], axis=0)
             batch.append(part)
         result = fn(*extra, *batch)
+        if start == 0 and stop == n:  # one chunk: hand over the device buffers without a copy
+            return {key: np.asarray(value) for key, value in result.items()}
         for key, value in result.items():
-            out.setdefault(key, []).append(np.asarray(value)[: stop - start])
-    return {key: np.concatenate(parts, axis=0) for key, parts in out.items()}
+            value = np.asarray(value)
+            if key not in out:
+                out[key] = np.empty((n, *value.shape[1:]), value.dtype)
+            out[key][start:stop] = value[: stop - start]
+    return out
 
 
 def check_finite(grads: dict[str, np.ndarray], what: str = "gradient") -> None:
@@ -243,23 +249,85 @@ def _leaves_read(jaxpr, n_leaves: int) -> set[int]:
     return read
 
 
-def _module_grads(call: _Call, leaves: list, a: jax.Array, delta: jax.Array) -> dict[int, jax.Array]:
-    """Per-example gradients ``{leaf index: (B, *shape)}`` of one module call from inputs and output cotangents."""
+def _same_dtype(module, a, leaves) -> bool:
+    """The module computes in its input's float dtype and its parameters have that dtype too."""
+    return (jnp.issubdtype(a.dtype, jnp.floating) and module.dtype in (None, a.dtype)
+            and all(leaf.dtype == a.dtype for leaf in leaves))
+
+
+def _is_plain_dense(call: _Call, leaves: list, a) -> bool:
     from flax import linen as nn
 
     module = call.module
+    return (type(module) is nn.Dense and module.dot_general is None and module.dot_general_cls is None
+            and _same_dtype(module, a, [leaves[i] for i in call.leaves.values()]))
+
+
+def _conv_taps_config(call: _Call, leaves: list, a):
+    """(kernel size, strides, dilation, explicit padding) when a Conv call can use the tap formula, else None."""
+    from flax import linen as nn
+    from flax.linen.linear import canonicalize_padding
+
+    module = call.module
+    if type(module) is not nn.Conv or not _same_dtype(module, a, [leaves[i] for i in call.leaves.values()]):
+        return None
+    if (module.mask is not None or module.feature_group_count != 1 or module.conv_general_dilated is not None
+            or module.conv_general_dilated_cls is not None or module.precision is not None):
+        return None
+    size = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
+    if a.ndim != len(size) + 2:
+        return None
+
+    def per_dim(v):
+        v = 1 if v is None else v
+        return (v,) * len(size) if isinstance(v, int) else tuple(v)
+
+    strides, lhs_dil, rhs_dil = per_dim(module.strides), per_dim(module.input_dilation), per_dim(module.kernel_dilation)
+    if any(d != 1 for d in lhs_dil):
+        return None
+    padding = canonicalize_padding(module.padding, len(size))
+    if isinstance(padding, str):
+        if padding not in ("SAME", "VALID"):
+            return None
+        dilated = [(k - 1) * d + 1 for k, d in zip(size, rhs_dil)]
+        padding = jax.lax.padtype_to_pads(a.shape[1:-1], dilated, strides, padding)
+    return size, strides, rhs_dil, tuple(tuple(p) for p in padding)
+
+
+def _conv_kernel_grads(a, delta, config):
+    """Per-example Conv kernel gradient (B, *kernel_size, C_in, C_out) as a sum over kernel taps.
+
+    For tap t, grad[b, t] = sum_p a_b(p * stride + t * dilation)^T delta_b(p):
+    one batched matrix product per tap on a strided view of the padded input.
+    """
+    size, strides, dil, padding = config
+    a = jnp.pad(a, ((0, 0), *padding, (0, 0)))
+    out_sp = delta.shape[1:-1]
+    taps = []
+    for tap in np.ndindex(*size):
+        start = (0, *(t * d for t, d in zip(tap, dil)), 0)
+        limit = (a.shape[0], *(s + (o - 1) * st + 1 for s, o, st in zip(start[1:-1], out_sp, strides)), a.shape[-1])
+        view = jax.lax.slice(a, start, limit, (1, *strides, 1))
+        taps.append(jnp.einsum("b...c,b...o->bco", view, delta))
+    return jnp.stack(taps, axis=1).reshape(a.shape[0], *size, a.shape[-1], delta.shape[-1])
+
+
+def _module_grads(call: _Call, leaves: list, a: jax.Array, delta: jax.Array) -> dict[int, jax.Array]:
+    """Per-example gradients ``{leaf index: (B, *shape)}`` of one module call from inputs and output cotangents."""
+    module = call.module
     names = call.leaves
-    if type(module) is nn.Dense and module.dot_general is None and module.dot_general_cls is None and (
-            module.dtype in (None, jnp.float32) and a.dtype == jnp.float32):
+    if _is_plain_dense(call, leaves, a):
         a2 = a.reshape(a.shape[0], -1, a.shape[-1])
         d2 = delta.reshape(delta.shape[0], -1, delta.shape[-1])
-        if a2.shape[1] == 1:
-            kernel = a2[:, 0, :, None] * d2[:, 0, None, :]
-        else:
-            kernel = jnp.einsum("bmi,bmo->bio", a2, d2)
-        out = {names["kernel"]: kernel}
+        out = {names["kernel"]: _outer(a2, d2)}
         if "bias" in names:
             out[names["bias"]] = d2.sum(axis=1)
+        return out
+    config = _conv_taps_config(call, leaves, a)
+    if config is not None:
+        out = {names["kernel"]: _conv_kernel_grads(a, delta, config)}
+        if "bias" in names:
+            out[names["bias"]] = delta.sum(axis=tuple(range(1, delta.ndim - 1)))
         return out
 
     own = {name: leaves[i] for name, i in names.items()}
@@ -277,6 +345,30 @@ def _module_grads(call: _Call, leaves: list, a: jax.Array, delta: jax.Array) -> 
 
     g = jax.vmap(one)(a, delta)
     return {i: g[name] for name, i in names.items()}
+
+
+def _outer(a2: jax.Array, d2: jax.Array) -> jax.Array:
+    """sum_m a2[b, m, :] outer d2[b, m, :]: (B, M, I), (B, M, O) -> (B, I, O)."""
+    if a2.shape[1] == 1:
+        return a2[:, 0, :, None] * d2[:, 0, None, :]
+    return jnp.einsum("bmi,bmo->bio", a2, d2)
+
+
+def _dense_layer_flat(call: _Call, leaves: list, layer: Layer, a: jax.Array, delta: jax.Array) -> jax.Array | None:
+    """A Dense layer's flat per-example gradient [bias, kernel] (B, P_l) from one outer product.
+
+    Prepending a constant 1 to the input makes row 0 of the outer product the
+    bias gradient, so the layer vector is written once, with no concatenation.
+    """
+    names = call.leaves
+    if not _is_plain_dense(call, leaves, a) or set(names) != {"bias", "kernel"}:
+        return None
+    if layer.leaves != (names["bias"], names["kernel"]):
+        return None
+    a2 = a.reshape(a.shape[0], -1, a.shape[-1])
+    d2 = delta.reshape(delta.shape[0], -1, delta.shape[-1])
+    a2 = jnp.concatenate([jnp.ones_like(a2[..., :1]), a2], axis=-1)
+    return _outer(a2, d2).reshape(a.shape[0], -1)
 
 
 def _fast_grad_fn(task: Task, layers: Sequence[Layer]) -> Callable:
@@ -313,14 +405,25 @@ def _fast_grad_fn(task: Task, layers: Sequence[Layer]) -> Callable:
             return jnp.sum(task.loss_fn(logits, y)), inputs
 
         per_leaf: dict[int, jax.Array] = {}
+        flat: dict[str, jax.Array] = {}
         if any(active):
-            deltas, inputs = jax.grad(total_loss, has_aux=True)(eps)
+            deltas, inputs = jax.grad(_fast_pooling(total_loss), has_aux=True)(eps)
+            owners = collections.Counter(i for k, c in enumerate(plan) if active[k] for i in c.leaves.values())
+            by_leaves = {tuple(sorted(c.leaves.values())): k for k, c in enumerate(plan) if active[k]}
+            for layer in layers:
+                k = by_leaves.get(tuple(sorted(layer.leaves)))
+                if k is not None and all(owners[i] == 1 for i in layer.leaves):
+                    g = _dense_layer_flat(plan[k], leaves, layer, inputs[k], deltas[k])
+                    if g is not None:
+                        flat[layer.name] = g
+                        active[k] = False
             for k, call in enumerate(plan):
                 if not active[k]:
                     continue
                 for i, g in _module_grads(call, leaves, inputs[k], deltas[k]).items():
                     per_leaf[i] = per_leaf[i] + g if i in per_leaf else g
-        rest = [i for i in wanted if i not in per_leaf]
+        done = {i for layer in layers if layer.name in flat for i in layer.leaves}
+        rest = [i for i in wanted if i not in per_leaf and i not in done]
         if rest:
             def loss_rest(sub, x1, y1):
                 full = list(leaves)
@@ -332,22 +435,128 @@ def _fast_grad_fn(task: Task, layers: Sequence[Layer]) -> Callable:
             g = jax.vmap(jax.grad(loss_rest), in_axes=(None, 0, 0))(sub, x, y)
             per_leaf.update(zip(rest, g))
         return {
-            layer.name: jnp.concatenate([per_leaf[i].reshape(batch, -1) for i in layer.leaves], axis=1)
+            layer.name: flat[layer.name] if layer.name in flat
+            else jnp.concatenate([per_leaf[i].reshape(batch, -1) for i in layer.leaves], axis=1)
             for layer in layers
         }
 
     return fn
 
 
-def _compiled_layer_grads(task: Task, layers: Sequence[Layer]) -> Callable:
-    key = ("layer_grads", tuple(layer.name for layer in layers))
+# ---------------------------------------------------------------- fast max pooling
+
+def _fast_pooling(fn: Callable) -> Callable:
+    """``fn`` with every non-overlapping max pooling replaced by :func:`_block_max`.
+
+    ``fn`` is traced to a jaxpr and re-evaluated equation by equation; a
+    ``reduce_window_max`` whose windows tile the input (window == stride, no
+    padding or dilation) becomes a reshape-and-max with a mask-based
+    derivative. The values are identical; only the derivative's
+    implementation changes (XLA's CPU select-and-scatter expansion is slow).
+    """
+
+    def wrapped(*args):
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        out = _eval_jaxpr(closed.jaxpr, closed.consts, *jax.tree.leaves(args))
+        return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+
+    return wrapped
+
+
+def _eval_jaxpr(jaxpr, consts, *args) -> list:
+    env: dict = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex.core.Literal) else env[v]
+
+    for v, val in zip(jaxpr.constvars, consts):
+        env[v] = val
+    for v, val in zip(jaxpr.invars, args):
+        env[v] = val
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        name = eqn.primitive.name
+        if name == "reduce_window_max" and _tiles(eqn.params, invals[0].ndim):
+            outvals = [_block_max(invals[0], tuple(eqn.params["window_dimensions"]))]
+        elif name in ("pjit", "jit", "closed_call") and "jaxpr" in eqn.params:
+            inner = eqn.params["jaxpr"]
+            if isinstance(inner, jex.core.ClosedJaxpr):
+                outvals = _eval_jaxpr(inner.jaxpr, inner.consts, *invals)
+            else:
+                outvals = _eval_jaxpr(inner, (), *invals)
+        else:
+            params = eqn.primitive.get_bind_params(eqn.params)
+            with eqn.ctx.manager:
+                ans = eqn.primitive.bind(*invals, **params)
+            outvals = ans if eqn.primitive.multiple_results else [ans]
+        for v, val in zip(eqn.outvars, outvals):
+            if not isinstance(v, jex.core.DropVar):
+                env[v] = val
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _tiles(params: dict, ndim: int) -> bool:
+    window = tuple(params["window_dimensions"])
+    return (tuple(params["window_strides"]) == window and all(tuple(p) == (0, 0) for p in params["padding"])
+            and all(d == 1 for d in params["base_dilation"]) and all(d == 1 for d in params["window_dilation"])
+            and len(window) == ndim)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _block_max(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+    """Max over non-overlapping windows (trailing remainders dropped, like VALID pooling)."""
+    return jnp.max(_blocks(x, window), axis=tuple(range(1, 2 * x.ndim, 2)))
+
+
+def _blocks(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+    """View x as (n_0, w_0, n_1, w_1, ...) with n_i = x.shape[i] // w_i."""
+    n = [s // w for s, w in zip(x.shape, window)]
+    x = jax.lax.slice(x, (0,) * x.ndim, tuple(a * w for a, w in zip(n, window)))
+    return x.reshape(tuple(d for pair in zip(n, window) for d in pair))
+
+
+@_block_max.defjvp
+def _block_max_jvp(window, primals, tangents):
+    (x,), (t,) = primals, tangents
+    xb, tb = _blocks(x, window), _blocks(t, window)
+    m = jnp.max(xb, axis=tuple(range(1, 2 * x.ndim, 2)))
+    # The derivative follows the first maximum of each window in row-major
+    # order, like XLA's select-and-scatter with a >= comparison.
+    taken = jnp.zeros(m.shape, bool)
+    out = jnp.zeros(m.shape, t.dtype)
+    for offset in np.ndindex(*window):
+        index = tuple(i for o in offset for i in (slice(None), o))
+        hit = (xb[index] == m) & ~taken
+        taken = taken | hit
+        out = out + jnp.where(hit, tb[index], 0)
+    return m, out
+
+
+def _with_row_sums(g: dict[str, jax.Array]) -> dict:
+    """Add each layer's per-example sums under ("sum", layer): a cheap finiteness witness.
+
+    A row that holds NaN or Inf has a non-finite sum, so the host only scans
+    the full gradients when some sum is not finite (to name the rows).
+    """
+    return {**g, **{("sum", name): jnp.sum(v, axis=tuple(range(1, v.ndim))) for name, v in g.items()}}
+
+
+def _check_row_sums(out: dict, what: str = "gradient") -> dict[str, np.ndarray]:
+    sums = {key[1]: out.pop(key) for key in [k for k in out if isinstance(k, tuple) and k[0] == "sum"]}
+    if not all(np.all(np.isfinite(s)) for s in sums.values()):
+        check_finite(out, what)
+    return out
+
+
+def _compiled_layer_grads(task: Task, layers: Sequence[Layer], method: str = "auto") -> Callable:
+    key = ("layer_grads", tuple(layer.name for layer in layers), method)
 
     def build():
-        inner = per_example_grad_fn(task, layers)
+        inner = per_example_grad_fn(task, layers, method=method)
 
         def traced(params, x, y):
             TRACE_COUNTS[key] += 1
-            return inner(params, x, y)
+            return _with_row_sums(inner(params, x, y))
 
         return jax.jit(traced)
 
@@ -355,20 +564,22 @@ def _compiled_layer_grads(task: Task, layers: Sequence[Layer]) -> Callable:
 
 
 def layer_grads(task: Task, x, y, *, chunk_size: int | None = None, layers: Sequence[str] | None = None,
-                progress: bool = False) -> dict[str, np.ndarray]:
+                progress: bool = False, method: str = "auto") -> dict[str, np.ndarray]:
     """Per-example gradients of every layer: ``{layer: (N, P_l)}`` in forward order.
 
     g(x, y) = grad_W loss(f(x; W), y) (METHOD section 1), flattened per layer
-    (kernel and bias of a module together). Computed by jitted vmap(grad),
-    ``chunk_size`` examples at a time (default: a size that keeps one chunk's
-    gradients near 128 MiB); results are gathered on the host as float32.
+    (kernel and bias of a module together). Computed by the jitted
+    :func:`per_example_grad_fn` (``method='auto'``: one batched backward pass
+    plus per-module outer products; ``'vmap'``: vmap(grad)), ``chunk_size``
+    examples at a time (default: a size that keeps one chunk's gradients near
+    128 MiB); results are gathered on the host as float32.
     """
     x, y = task.check_inputs(x, y)
     sel = task.select(layers)
     chunk = _check_chunk(chunk_size, x.shape[0]) if chunk_size else default_chunk_size(task, sel, x.shape[0])
-    fn = _compiled_layer_grads(task, sel)
+    fn = _compiled_layer_grads(task, sel, method)
     grads = map_chunks(fn, [x, y], chunk, desc="per-example gradients", progress=progress, extra=(task.params,))
-    check_finite(grads)
+    grads = _check_row_sums(grads)
     return {layer.name: grads[layer.name] for layer in sel}
 
 
