@@ -180,8 +180,9 @@ class EnsembleFit(NamedTuple):
       member_test_loss: (L, F, M) mean held-out loss of every member, for
         diagnostics only (selection never reads it).
       chosen: (L, F) index of the member chosen in each fold (lowest
-        validation loss), or -1 where it did not beat the ignorant predictor
-        on validation by ``min_gain_se`` standard errors.
+        validation loss), or -1 where that member is the ignorant predictor
+        (kept at step 0) or did not beat it on validation by ``min_gain_se``
+        standard errors.
       val_gain: (L, F) validation loss of the ignorant predictor minus that of
         the lowest-validation member (per example, target units).
       val_gain_se: (L, F) standard error of that paired difference.
@@ -541,6 +542,10 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
         diff = null_fold_loss[f, split.val[f]][None] - loss_c[:, f, split.val[f]]
         gain[:, f] = diff.mean(axis=1)
         gain_se[:, f] = diff.std(axis=1, ddof=1) / math.sqrt(diff.shape[1]) if diff.shape[1] > 1 else np.inf
+    best_step = np.concatenate([np.asarray(state.best_step[f]) for f, _, _ in spec.families], axis=2)
+    # A member kept at step 0 is the ignorant predictor itself (up to float32 rounding of its bias).
+    at_start = np.take_along_axis(best_step, chosen[..., None], axis=2)[..., 0] == 0
+    chosen[at_start] = -1
     if min_gain_se is not None:
         chosen[~(gain > min_gain_se * gain_se)] = -1
     rows = np.arange(n)
@@ -549,6 +554,5 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     null_pred = null_fold_pred[split.fold_of]
     heldout_pred = np.where(use[..., None], np.asarray(pred_c, np.float64), null_pred[None])
     val = np.concatenate([np.asarray(state.best_val[f]) for f, _, _ in spec.families], axis=2)
-    best_step = np.concatenate([np.asarray(state.best_step[f]) for f, _, _ in spec.families], axis=2)
     return EnsembleFit(members, val, best_step, np.asarray(member_test), chosen, gain, gain_se, heldout_loss,
                        heldout_pred, null_fold_loss[split.fold_of, rows], null_pred, done)

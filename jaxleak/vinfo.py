@@ -72,15 +72,15 @@ def _sketch(names: list[str], arrays: list[np.ndarray], dim: int, seed: int) -> 
     stubs = [Layer(name, a.shape[1], (), (), ()) for name, a in zip(names, arrays)]
     sketches = make_sketches(stubs, dim, seed)
     out, sketched = [], {}
-    apply = jax.jit(apply_sketch)
     for name, a in zip(names, arrays):
         sk = sketches[name]
         if sk is None:
             out.append(a.astype(np.float32))
             continue
         sketched[name] = int(a.shape[1])
+        apply = jax.jit(lambda g, sk=sk: apply_sketch(sk, g))
         rows = max(1, 2 ** 24 // a.shape[1])  # bounded device memory per chunk
-        out.append(np.concatenate([np.asarray(apply(sk, np.asarray(a[i:i + rows], np.float32)))
+        out.append(np.concatenate([np.asarray(apply(np.asarray(a[i:i + rows], np.float32)))
                                    for i in range(0, a.shape[0], rows)]))
     return out, sketched
 
