@@ -45,7 +45,7 @@ import scipy.optimize
 
 from jaxleak import metrics
 from jaxleak.errors import InputError, NonFiniteError
-from jaxleak.grads import TRACE_COUNTS
+from jaxleak.grads import TRACE_COUNTS, per_example_grad_fn
 from jaxleak.scores import LayerScores, Score
 from jaxleak.task import Layer, Task
 
@@ -235,125 +235,152 @@ def _segment_length(steps: int, progress: bool) -> int:
 
 
 def total_variation(x: jax.Array) -> jax.Array:
-    """Anisotropic total variation of a batch (B, H, W, C): mean |vertical diff| + mean |horizontal diff|."""
-    dv = jnp.mean(jnp.abs(x[:, 1:] - x[:, :-1])) if x.shape[1] > 1 else 0.0
-    dh = jnp.mean(jnp.abs(x[:, :, 1:] - x[:, :, :-1])) if x.shape[2] > 1 else 0.0
+    """Anisotropic total variation of image batches (..., B, H, W, C) -> (...).
+
+    Mean |vertical difference| + mean |horizontal difference| over each
+    batch (Geiping et al.'s TV term); a scalar for a single batch.
+    """
+    axes = (-4, -3, -2, -1)
+    dv = jnp.mean(jnp.abs(x[..., 1:, :, :] - x[..., :-1, :, :]), axis=axes) if x.shape[-3] > 1 else 0.0
+    dh = jnp.mean(jnp.abs(x[..., :, 1:, :] - x[..., :, :-1, :]), axis=axes) if x.shape[-2] > 1 else 0.0
     return dv + dh
+
+
+def _soft_label_task(task: Task) -> Task:
+    """The task with loss E_{c ~ q} loss(logits, c) for soft labels q (N, C); equals soft cross-entropy for CE."""
+    num_classes = task.num_classes
+
+    def soft_loss(logits, q):
+        classes = jnp.arange(num_classes, dtype=jnp.int32)
+        per_class = jax.vmap(lambda c: task.loss_fn(logits, jnp.full(logits.shape[:1], c)), out_axes=1)(classes)
+        return jnp.sum(q * per_class, axis=1)
+
+    return Task(task.apply_fn, task.params, task.input_shape, loss_fn=soft_loss, name=task.name,
+                granularity=task.granularity, train_apply_fn=task.train_apply_fn, _layers=task.layers)
 
 
 def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: int, restarts: int, batch: int,
            soft: bool, signed: bool, box: bool, local_steps: int) -> dict[str, Callable]:
     """Jitted init / advance / final functions of the attack, cached on the task.
 
+    Every attack run (weight row m, victim v, restart r) optimises its own
+    dummy batch; the state holds them all, x of shape (M, V, R, B, H, W, C).
+    The runs never interact: the objective is the sum of the runs'
+    objectives, so its gradient with respect to one run's x is that run's
+    gradient, and Adam (element-wise) on the stacked state is independent
+    Adam per run. With K = 1 the dummy updates of all runs come from ONE
+    batched per-example gradient computation over the M V R B dummy examples
+    (:func:`jaxleak.grads.per_example_grad_fn`, whose conv gradients are
+    batched matrix products), which is what makes restarts cheap; with
+    K > 1 each run's K local steps are vmapped.
+
     Shapes: keys (V, R); targets {layer: (V, P_l)}; labels (V, B) int;
-    weights (M, L) (one row per matched-layer combination). State arrays
-    carry leading axes (M, V, R).
+    weights (M, L), one row of layer weights per run group.
     """
     names = tuple(layer.name for layer in sel)
     key = ("invert", method, names, steps, seg, restarts, batch, soft, signed, box, local_steps)
 
     def build():
         num_classes = task.num_classes
-        shape = (batch, *task.input_shape)
+        in_shape = task.input_shape
+        loss_task = _soft_label_task(task) if soft else task
 
-        def batch_loss(params, x, labels, q_logits):
-            logits = task.apply_fn(params, x)
+        if local_steps == 1:
+            per_example = per_example_grad_fn(loss_task, sel)
+
+            def run_updates(params, x, y, local_lr):
+                n = x.shape[0]
+                g = per_example(params, x.reshape(n * batch, *in_shape), y.reshape(n * batch, *y.shape[2:]))
+                return {name: v.reshape(n, batch, -1).mean(axis=1) for name, v in g.items()}
+        else:
+            grad_loss = jax.grad(loss_task.loss)
+
+            def one_run(params, x, y, local_lr):
+                def step(carry, _):
+                    p, acc = carry
+                    g = grad_loss(p, x, y)
+                    p = jax.tree.map(lambda w, gw: w - local_lr * gw, p, g)
+                    return (p, jax.tree.map(jnp.add, acc, g)), None
+
+                zeros = jax.tree.map(jnp.zeros_like, params)
+                (_, total), _ = jax.lax.scan(step, (params, zeros), None, length=local_steps)
+                return task.flatten(jax.tree.map(lambda t: t / local_steps, total), sel)
+
+            def run_updates(params, x, y, local_lr):
+                return jax.vmap(one_run, in_axes=(None, 0, 0, None))(params, x, y, local_lr)
+
+        def matching(params, z, targets, labels, weights, hyper):
+            """Matching loss of every run: (M, V, R)."""
+            runs = z["x"].shape[:3]
+            n = int(np.prod(runs))
+            x = z["x"].reshape(n, batch, *in_shape)
             if soft:
-                classes = jnp.arange(num_classes, dtype=jnp.int32)
-                per_class = jax.vmap(lambda c: task.loss_fn(logits, jnp.full((batch,), c)), out_axes=1)(classes)
-                return jnp.mean(jnp.sum(jax.nn.softmax(q_logits) * per_class, axis=1))
-            return jnp.mean(task.loss_fn(logits, labels))
-
-        grad_loss = jax.grad(batch_loss)
-
-        def dummy_update(params, x, labels, q_logits, local_lr):
-            if local_steps == 1:
-                return task.flatten(grad_loss(params, x, labels, q_logits), sel)
-
-            def step(carry, _):
-                p, acc = carry
-                g = grad_loss(p, x, labels, q_logits)
-                p = jax.tree.map(lambda w, gw: w - local_lr * gw, p, g)
-                return (p, jax.tree.map(jnp.add, acc, g)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (_, total), _ = jax.lax.scan(step, (params, zeros), None, length=local_steps)
-            return task.flatten(jax.tree.map(lambda t: t / local_steps, total), sel)
-
-        def matching(params, z, target, labels, w, hyper):
-            u = dummy_update(params, z["x"], labels, z.get("q"), hyper["local_lr"])
+                y = jax.nn.softmax(z["q"]).reshape(n, batch, num_classes)
+            else:
+                y = jnp.broadcast_to(labels[None, :, None], (*runs, batch)).reshape(n, batch)
+            u = run_updates(params, x, y, hyper["local_lr"])
+            total = {"dot": 0.0, "uu": 0.0, "tt": 0.0, "sq": 0.0}
+            for i, name in enumerate(names):
+                ui = u[name].reshape(*runs, -1)
+                ti = targets[name][None, :, None, :]
+                wi = weights[:, i][:, None, None]
+                if method == "ig":
+                    total["dot"] += wi * jnp.sum(ui * ti, axis=-1)
+                    total["uu"] += wi * jnp.sum(ui * ui, axis=-1)
+                    total["tt"] += wi * jnp.sum(ti * ti, axis=-1)
+                else:
+                    total["sq"] += wi * jnp.sum(jnp.square(ui - ti), axis=-1)
             if method == "ig":
-                dot = sum(w[i] * jnp.vdot(u[n], target[n]) for i, n in enumerate(names))
-                uu = sum(w[i] * jnp.vdot(u[n], u[n]) for i, n in enumerate(names))
-                tt = sum(w[i] * jnp.vdot(target[n], target[n]) for i, n in enumerate(names))
-                return 1.0 - dot / jnp.maximum(jnp.sqrt(uu) * jnp.sqrt(tt), 1e-30)
-            return sum(w[i] * jnp.sum(jnp.square(u[n] - target[n])) for i, n in enumerate(names))
+                return 1.0 - total["dot"] / jnp.maximum(jnp.sqrt(total["uu"]) * jnp.sqrt(total["tt"]), 1e-30)
+            return total["sq"]
 
         def optimizer(lr):
             bounds = {int(steps * f): 0.1 for f in (3 / 8, 5 / 8, 7 / 8)}
             bounds = {b: v for b, v in bounds.items() if 0 < b < steps}
             return optax.adam(optax.piecewise_constant_schedule(lr, bounds))
 
-        def init_one(rng):
-            kx, kq = jax.random.split(rng)
-            z = {"x": jax.random.uniform(kx, shape, jnp.float32)}
-            if soft:
-                z["q"] = jax.random.normal(kq, (batch, num_classes), jnp.float32)
-            return z, optimizer(1.0).init(z)
-
-        def step_one(params, carry, target, labels, w, hyper):
-            z, opt_state = carry
-
-            def objective(z):
-                match = matching(params, z, target, labels, w, hyper)
-                return match + hyper["tv"] * total_variation(z["x"]), match
-
-            (_, match), g = jax.value_and_grad(objective, has_aux=True)(z)
-            if signed:
-                g = jax.tree.map(jnp.sign, g)
-            updates, opt_state = optimizer(hyper["lr"]).update(g, opt_state, z)
-            z = optax.apply_updates(z, updates)
-            if box:
-                z = dict(z, x=jnp.clip(z["x"], 0.0, 1.0))
-            return (z, opt_state), match
-
-        def vmapped(fn):
-            # axes: restarts (state only), victims (state, target, labels), weight rows (state, w)
-            r_axes = [None] * 6
-            r_axes[1] = 0
-            v_axes = list(r_axes)
-            v_axes[2] = v_axes[3] = 0
-            m_axes = list(r_axes)
-            m_axes[4] = 0
-            return jax.vmap(jax.vmap(jax.vmap(fn, in_axes=r_axes), in_axes=v_axes), in_axes=m_axes)
-
-        step_all = vmapped(step_one)
-
         def init(keys, weights):
             TRACE_COUNTS[key + ("init",)] += 1
-            state = jax.vmap(jax.vmap(init_one))(keys)
-            return jax.tree.map(lambda a: jnp.broadcast_to(a, (weights.shape[0], *a.shape)), state)
+            m = weights.shape[0]
+
+            def one(rng):
+                kx, kq = jax.random.split(rng)
+                z = {"x": jax.random.uniform(kx, (batch, *in_shape), jnp.float32)}
+                if soft:
+                    z["q"] = jax.random.normal(kq, (batch, num_classes), jnp.float32)
+                return z
+
+            # the same initialisations for every weight row (common random numbers across layers)
+            z = jax.tree.map(lambda a: jnp.broadcast_to(a, (m, *a.shape)), jax.vmap(jax.vmap(one))(keys))
+            return z, optimizer(1.0).init(z)
 
         def advance(params, state, targets, labels, weights, hyper):
             TRACE_COUNTS[key] += 1
+            opt = optimizer(hyper["lr"])
+
+            def objective(z):
+                match = matching(params, z, targets, labels, weights, hyper)
+                return jnp.sum(match + hyper["tv"] * total_variation(z["x"])), match
 
             def body(carry, _):
-                return step_all(params, carry, targets, labels, weights, hyper)
+                z, opt_state = carry
+                (_, match), g = jax.value_and_grad(objective, has_aux=True)(z)
+                if signed:
+                    g = jax.tree.map(jnp.sign, g)
+                updates, opt_state = opt.update(g, opt_state, z)
+                z = optax.apply_updates(z, updates)
+                if box:
+                    z = dict(z, x=jnp.clip(z["x"], 0.0, 1.0))
+                return (z, opt_state), match
 
             state, trace = jax.lax.scan(body, state, None, length=seg)
             return state, jnp.moveaxis(trace, 0, -1)
 
-        def match_one(params, carry, target, labels, w, hyper):
-            return matching(params, carry[0], target, labels, w, hyper)
-
-        match_all = vmapped(match_one)
-
         def final(params, state, targets, labels, weights, hyper):
             TRACE_COUNTS[key + ("final",)] += 1
             z = state[0]
-            x = jnp.clip(z["x"], 0.0, 1.0)
             q = jnp.argmax(z["q"], axis=-1) if soft else None
-            return x, q, match_all(params, state, targets, labels, weights, hyper)
+            return jnp.clip(z["x"], 0.0, 1.0), q, matching(params, z, targets, labels, weights, hyper)
 
         return {"init": jax.jit(init), "advance": jax.jit(advance), "final": jax.jit(final)}
 

@@ -89,6 +89,17 @@ def test_soft_labels_optimised_jointly(setup):
     assert res.trace.shape == (4, 1, STEPS)
 
 
+def test_batched_and_local_step_paths_agree(setup):
+    # K = 1 uses one batched per-example gradient over all runs; K > 1 vmaps each run's local steps.
+    # With local_lr = 0 the K-step update is the plain gradient, so both optimise the same objective.
+    task, x, y, g = setup
+    kw = dict(method="dlg", restarts=2, steps=20, seed=1)
+    one = attacks.invert(task, g, **kw)
+    two = attacks.invert(task, g, local_steps=2, local_lr=0.0, **kw)
+    np.testing.assert_allclose(two.trace, one.trace, rtol=1e-3, atol=1e-9)
+    np.testing.assert_allclose(two.x, one.x, atol=1e-4)
+
+
 def test_label_recovery_is_exact(setup, digits):
     task, *_ = setup
     n = 300
