@@ -229,17 +229,38 @@ class _State(NamedTuple):
 
 # ---------------------------------------------------------------- one member
 
-def _first_layer(w, x, mu, inv_sd):
+@jax.custom_vjp
+def _feature_matmul(x, xt, w):
+    """x @ w for constant features x (N, W), with xt = x.T (W, N) given for the weight gradient.
+
+    Reverse mode would otherwise transpose the whole feature matrix at every
+    step; a stored transpose makes the gradient one plain matrix product.
+    """
+    return x @ w
+
+
+def _feature_matmul_fwd(x, xt, w):
+    return x @ w, xt
+
+
+def _feature_matmul_bwd(xt, g):
+    return None, None, xt @ g
+
+
+_feature_matmul.defvjp(_feature_matmul_fwd, _feature_matmul_bwd)
+
+
+def _first_layer(w, x, xt, mu, inv_sd):
     """(x - mu) * inv_sd @ w without forming the standardised x."""
     w_eff = w * inv_sd[:, None]
-    return x @ w_eff - mu @ w_eff
+    return _feature_matmul(x, xt, w_eff) - mu @ w_eff
 
 
-def _apply(family: str, p: dict, x, mu, inv_sd):
+def _apply(family: str, p: dict, x, xt, mu, inv_sd):
     """One member's output (N, K) on raw features x (N, W), standardised with (mu, inv_sd)."""
     if family == "linear":
-        return _first_layer(p["w"], x, mu, inv_sd) + p["b"]
-    h = jax.nn.relu(_first_layer(p["w1"], x, mu, inv_sd) + p["b1"])
+        return _first_layer(p["w"], x, xt, mu, inv_sd) + p["b"]
+    h = jax.nn.relu(_first_layer(p["w1"], x, xt, mu, inv_sd) + p["b1"])
     return h @ p["w2"] + p["b2"]
 
 
@@ -258,18 +279,17 @@ def _masked_mean(values, mask):
     return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def _family_objective(kind, family, params, wd, x, mu, inv_sd, t, train, val):
-    """Objectives and validation losses of one family, all (L, F, M)."""
+def _family_objective(kind, family, params, wd, x, xt, mu, inv_sd, t, train, val):
+    """Objectives and validation losses of one family on one layer, both (F, M)."""
 
-    def member(p, wd_m, x_l, mu_lf, isd_lf, t_f, tr_f, va_f):
-        ex = _train_loss(kind, _apply(family, p, x_l, mu_lf, isd_lf), t_f)
+    def member(p, wd_m, mu_f, isd_f, t_f, tr_f, va_f):
+        ex = _train_loss(kind, _apply(family, p, x, xt, mu_f, isd_f), t_f)
         obj = _masked_mean(ex, tr_f) + 0.5 * wd_m * _penalty(p)
         return obj, jax.lax.stop_gradient(_masked_mean(ex, va_f))
 
-    over_m = jax.vmap(member, in_axes=(0, 0, None, None, None, None, None, None))
-    over_f = jax.vmap(over_m, in_axes=(0, None, None, 0, 0, 0, 0, 0))
-    over_l = jax.vmap(over_f, in_axes=(0, None, 0, 0, 0, None, None, None))
-    return over_l(params, wd, x, mu, inv_sd, t, train, val)
+    over_m = jax.vmap(member, in_axes=(0, 0, None, None, None, None, None))
+    over_f = jax.vmap(over_m, in_axes=(0, None, 0, 0, 0, 0, 0))
+    return over_f(params, wd, mu, inv_sd, t, train, val)
 
 
 # ---------------------------------------------------------------- the compiled pieces
@@ -280,26 +300,37 @@ def _optimizer(lr, steps):
     return optax.adam(schedule)
 
 
-def _total(params, spec: _Spec, data: dict):
+def _total(params, spec: _Spec, data: dict, layer: dict):
     total, vals = 0.0, {}
     for family, _, _ in spec.families:
-        obj, val = _family_objective(spec.kind, family, params[family], data["wd"][family], data["x"], data["mu"],
-                                     data["inv_sd"], data["t_train"], data["train"], data["val"])
+        obj, val = _family_objective(spec.kind, family, params[family], data["wd"][family], layer["x"], layer["xt"],
+                                     layer["mu"], layer["inv_sd"], data["t_train"], data["train"], data["val"])
         total = total + jnp.sum(obj)
         vals[family] = val
     return total, vals
 
 
 def _segment(state: _State, data: dict, num_steps, spec: _Spec) -> _State:
-    """``num_steps`` full-batch Adam steps of every member, keeping each member's best validated parameters."""
+    """``num_steps`` full-batch Adam steps of every member, keeping each member's best validated parameters.
+
+    Layers run one after the other (``lax.map``), all folds and members of a
+    layer together (``vmap``): a layer's features then stay in cache for the
+    forward and backward passes of all its steps instead of streaming every
+    layer's features from memory at every step.
+    """
     TRACE_COUNTS["ensemble_segment"] += 1
     opt = _optimizer(data["lr"], data["steps"])
 
     def where_better(better, new, old):
         return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new, old)
 
-    def body(_, s: _State) -> _State:
-        (_, vals), grads = jax.value_and_grad(_total, has_aux=True)(s.params, spec, data)
+    def run_layer(args):
+        s, x, xt, mu, inv_sd = args
+        layer = {"x": x, "xt": xt, "mu": mu, "inv_sd": inv_sd}
+        return jax.lax.fori_loop(0, num_steps, lambda i, s_: body(layer, s_), s)
+
+    def body(layer, s: _State) -> _State:
+        (_, vals), grads = jax.value_and_grad(_total, has_aux=True)(s.params, spec, data, layer)
         better = {f: vals[f] < s.best_val[f] for f in vals}
         best_params = {f: jax.tree.map(lambda n, o, b=better[f]: where_better(b, n, o), s.params[f], s.best_params[f])
                        for f in vals}
@@ -308,7 +339,7 @@ def _segment(state: _State, data: dict, num_steps, spec: _Spec) -> _State:
         updates, opt_state = opt.update(grads, s.opt_state, s.params)
         return _State(optax.apply_updates(s.params, updates), opt_state, best_params, best_val, best_step, s.step + 1)
 
-    return jax.lax.fori_loop(0, num_steps, body, state)
+    return jax.lax.map(run_layer, (state, data["x"], data["xt"], data["mu"], data["inv_sd"]))
 
 
 _segment_jit = jax.jit(_segment, static_argnames=("spec",))
@@ -324,7 +355,7 @@ def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):
         params_l, x_l, mu_l, isd_l, val_l = args
         outs = []
         for family, _, _ in spec.families:
-            member = lambda p, mu_f, isd_f, fam=family: _apply(fam, p, x_l, mu_f, isd_f)  # noqa: E731
+            member = lambda p, mu_f, isd_f, fam=family: _apply(fam, p, x_l, None, mu_f, isd_f)  # noqa: E731
             outs.append(jax.vmap(jax.vmap(member, in_axes=(0, None, None)))(params_l[family], mu_l, isd_l))
         out = jnp.concatenate(outs, axis=1)  # (F, M, N, K)
         if spec.kind == CLASSIFICATION:
@@ -469,7 +500,8 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     keep = split.train | split.val
     mu, inv_sd = _fold_standardisation(x, keep)
 
-    data = {"x": jnp.asarray(x), "mu": jnp.asarray(mu), "inv_sd": jnp.asarray(inv_sd),
+    data = {"x": jnp.asarray(x), "xt": jnp.asarray(np.ascontiguousarray(x.transpose(0, 2, 1))),
+            "mu": jnp.asarray(mu), "inv_sd": jnp.asarray(inv_sd),
             "train": jnp.asarray(split.train), "val": jnp.asarray(split.val), "test": jnp.asarray(split.test),
             "fold_of": jnp.asarray(split.fold_of, jnp.int32), "lr": jnp.float32(lr),
             "wd": {}}
@@ -504,11 +536,11 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
 
     params = _init_params(spec, members, widths, (num_l, num_f), width, k, b0)
     data["steps"] = jnp.float32(steps)
-    opt_state = _optimizer(data["lr"], data["steps"]).init(params)
+    opt_state = jax.vmap(_optimizer(data["lr"], data["steps"]).init)(params)
     shape = lambda m: (num_l, num_f, m)  # noqa: E731
     state = _State(params, opt_state, params,
                    {f: jnp.full(shape(m), jnp.inf, jnp.float32) for f, _, m in spec.families},
-                   {f: jnp.zeros(shape(m), jnp.int32) for f, _, m in spec.families}, jnp.int32(0))
+                   {f: jnp.zeros(shape(m), jnp.int32) for f, _, m in spec.families}, jnp.zeros(num_l, jnp.int32))
 
     segment = int(segment or max(10, steps // 20))
     bar = None
@@ -525,7 +557,8 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
             if bar is not None:
                 bar.update(count)
             if patience is not None:
-                stalled = all(bool(jnp.all(state.step - 1 - s > patience)) for s in state.best_step.values())
+                last = state.step[:, None, None] - 1
+                stalled = all(bool(jnp.all(last - s > patience)) for s in state.best_step.values())
                 if stalled:
                     break
     finally:

@@ -1,0 +1,189 @@
+"""Benchmark: the parallel attack ensemble of jaxleak.ensemble against one-by-one training and scikit-learn.
+
+64 members = 8 layers x 8 configurations (linear softmax attacks, 8 weight
+decays) on 2,000 examples x 1,024 features, binary target, one
+train/validation/test split. Three ways, in one process, repetitions
+interleaved:
+
+- ensemble: all 64 members in one jitted computation (``fit_ensemble``);
+- loop: the same code called 64 times with one layer and one member each
+  (compiled once, reused), same steps;
+- sklearn: ``LogisticRegression`` (lbfgs, C = 1 / (weight_decay * n_train),
+  the same objective) fitted 64 times on the same standardised features.
+
+Held-out NLL (bits) of each layer's member with the lowest validation NLL is
+compared between the ensemble and scikit-learn, and per member too.
+
+Usage: python benchmarks/vinfo_ensemble.py [--reps 3] [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import time
+import warnings
+
+import jax
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from jaxleak import ensemble
+
+LAYERS, CONFIGS, N, WIDTH = 8, 8, 2000, 1024
+WEIGHT_DECAYS = tuple(float(w) for w in np.logspace(-4, -0.5, CONFIGS))
+LN2 = math.log(2.0)
+
+
+def make_data(seed: int = 0):
+    """Gaussian features; the label is logistic in 8 directions of every layer, with a layer-specific strength."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(LAYERS, N, WIDTH)).astype(np.float32)
+    latent = rng.normal(size=N)
+    y = (latent + 0.3 * rng.normal(size=N) > 0).astype(np.int32)
+    for layer in range(LAYERS):
+        strength = layer / (LAYERS - 1)  # from no signal to a strong one
+        x[layer, :, :8] += (strength * latent)[:, None]
+    return x, y
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
+            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "load_average_at_start": os.getloadavg()}
+
+
+def heldout_bits(fit: ensemble.EnsembleFit) -> np.ndarray:
+    """(L, M) mean held-out NLL in bits of every member (fold 0 is the only fold)."""
+    return fit.member_test_loss[:, 0, :] / LN2
+
+
+def selected(val: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Per layer, the held-out NLL of the member with the lowest validation NLL."""
+    return test[np.arange(test.shape[0]), np.argmin(val, axis=1)]
+
+
+def run_ensemble(x, y, split, members, steps):
+    return ensemble.fit_ensemble(x, y, split, members, kind="classification", num_classes=2, steps=steps,
+                                 patience=None, min_gain_se=None)
+
+
+def run_loop(x, y, split, members, steps):
+    val = np.zeros((LAYERS, CONFIGS))
+    test = np.zeros((LAYERS, CONFIGS))
+    for layer in range(LAYERS):
+        for m, member in enumerate(members):
+            fit = run_ensemble(x[layer:layer + 1], y, split, [member], steps)
+            val[layer, m] = fit.val_loss[0, 0, 0]
+            test[layer, m] = fit.member_test_loss[0, 0, 0] / LN2
+    return val, test
+
+
+def run_sklearn(x, y, split):
+    train, val_rows, test_rows = split.train[0], split.val[0], split.test[0]
+    keep = train | val_rows
+    n_train = int(train.sum())
+    val = np.zeros((LAYERS, CONFIGS))
+    test = np.zeros((LAYERS, CONFIGS))
+    iters = []
+    for layer in range(LAYERS):
+        xl = x[layer].astype(np.float64)
+        mu, sd = xl[keep].mean(axis=0), xl[keep].std(axis=0)
+        z = (xl - mu) / np.where(sd > 0, sd, 1.0)
+        for m, wd in enumerate(WEIGHT_DECAYS):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model = LogisticRegression(C=1.0 / (wd * n_train), max_iter=1000).fit(z[train], y[train])
+            iters.append(int(model.n_iter_[0]))
+            for rows, out in ((val_rows, val), (test_rows, test)):
+                p = model.predict_proba(z[rows])[np.arange(rows.sum()), y[rows]]
+                out[layer, m] = -np.mean(np.log(p)) / LN2
+    return val, test, iters
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "vinfo_ensemble.json"))
+    args = parser.parse_args()
+
+    x, y = make_data()
+    split = ensemble.single_split(N, test_fraction=0.2, val_fraction=0.2, seed=0, strata=y)
+    members = [ensemble.Member("linear", wd, 0) for wd in WEIGHT_DECAYS]
+
+    # First calls include compilation; reported separately.
+    t0 = time.perf_counter()
+    run_ensemble(x, y, split, members, args.steps)
+    first_ensemble = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run_ensemble(x[:1], y, split, members[:1], args.steps)
+    first_single = time.perf_counter() - t0
+
+    times = {"ensemble": [], "loop": [], "sklearn": []}
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        fit = run_ensemble(x, y, split, members, args.steps)
+        times["ensemble"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        loop_val, loop_test = run_loop(x, y, split, members, args.steps)
+        times["loop"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sk_val, sk_test, sk_iters = run_sklearn(x, y, split)
+        times["sklearn"].append(time.perf_counter() - t0)
+
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    one_member = med["loop"] / (LAYERS * CONFIGS)
+    ens_test = heldout_bits(fit)
+    ens_sel, sk_sel = selected(fit.val_loss[:, 0, :], ens_test), selected(sk_val, sk_test)
+    null_bits = float(fit.null_loss[split.test[0]].mean() / LN2)
+    result = {
+        "benchmark": "vinfo_ensemble",
+        "setup": {"layers": LAYERS, "configurations": CONFIGS, "members": LAYERS * CONFIGS, "examples": N,
+                  "features": WIDTH, "train/val/test": [int(split.train.sum()), int(split.val.sum()),
+                                                         int(split.test.sum())],
+                  "weight_decays": WEIGHT_DECAYS, "steps": args.steps, "optimizer": "full-batch Adam, lr 0.05 cosine",
+                  "reps": args.reps},
+        "machine": machine(),
+        "note": ("other jobs (helpers' tests and experiments) ran concurrently on the 2 cores; "
+                 "repetitions are interleaved and medians reported"),
+        "seconds": {"median": med, "all": times, "first_call_with_compile": {"ensemble": first_ensemble,
+                                                                            "one_member": first_single}},
+        "ratios": {
+            "ensemble_over_one_member": med["ensemble"] / one_member,
+            "loop_over_ensemble": med["loop"] / med["ensemble"],
+            "sklearn_over_ensemble": med["sklearn"] / med["ensemble"],
+            "sklearn_seconds_per_fit": med["sklearn"] / (LAYERS * CONFIGS),
+        },
+        "heldout_nll_bits": {
+            "null": null_bits,
+            "ensemble_selected_per_layer": ens_sel.tolist(),
+            "sklearn_selected_per_layer": sk_sel.tolist(),
+            "selected_difference_max_abs": float(np.max(np.abs(ens_sel - sk_sel))),
+            "selected_difference_mean": float(np.mean(ens_sel - sk_sel)),
+            "per_member_difference_max_abs": float(np.max(np.abs(ens_test - sk_test))),
+            "per_member_difference_median_abs": float(np.median(np.abs(ens_test - sk_test))),
+            "loop_equals_ensemble_max_abs": float(np.max(np.abs(loop_test - ens_test))),
+            "sklearn_lbfgs_iterations_median": float(np.median(sk_iters)),
+        },
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(json.dumps({"seconds": med, "ratios": result["ratios"], "heldout_nll_bits": result["heldout_nll_bits"]},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
