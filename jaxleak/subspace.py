@@ -1,0 +1,596 @@
+"""Subspace distance between the gradients of two latent groups (METHOD section 3.2).
+
+For layer l, G_0 and G_1 (n x P_l) stack the per-example gradients of the
+examples with z = 0 and z = 1 (balanced by subsampling). With V_g the top-k
+right singular vectors of G_g and theta_1..theta_k the principal angles
+between span(V_0) and span(V_1):
+
+    D_l = sqrt( mean_i sin^2 theta_i )        in [0, 1]
+
+Everything comes from the n x n Gram matrices K_gh = G_g G_h^T: with
+K_gg = U_g diag(lambda_g) U_g^T, V_g = G_g^T U_g lambda_g^(-1/2), so the
+cosines of the principal angles are the singular values of
+
+    M = lambda_0^(-1/2) U_0^T K_01 U_1 lambda_1^(-1/2)          (k x k)
+
+and mean_i cos^2 theta_i = ||M||_F^2 / k. No P_l-dimensional basis is formed.
+
+A permutation null (z shuffled among the pooled examples, same k) gives the
+null mean and sd, the excess D_l - null mean (the latent leakage signal) and a
+permutation p-value.
+
+Grams of large layers are formed without per-example gradients where the
+layer is a Linen ``Dense`` or ``Conv``: the per-example gradient of such a
+layer is sum_t a_t delta_t^T over output positions t (a_t: input patch, plus
+a constant 1 for the bias; delta_t: back-propagated error), so
+
+    <g_i, g_j> = sum_{s,t} (a_is . a_jt) (delta_is . delta_jt),
+
+which is computed either from the T x T position Grams ("factored", cheap
+when T^2 (|a| + |delta|) <= P_l) or from a ⊗ delta formed for a block of
+channels at a time (bounded memory). Other layers use the per-example
+gradients when they fit in memory, else count-sketches (``gram_source``
+says which).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+from jaxleak import grads as _grads
+from jaxleak.errors import InputError
+from jaxleak.scores import LayerScores, Score
+from jaxleak.task import Layer, Task
+
+# Host floats of per-example features kept at once while forming Grams (1 GiB).
+_HOST_FLOATS = 2 ** 28
+# Count-sketch width for layers with neither factored Grams nor room for their gradients.
+_SKETCH_DIM = 4096
+# Eigenvalues below this fraction of the largest are treated as zero (Grams are float32).
+_RANK_RTOL = 1e-5
+
+
+# ---------------------------------------------------------------- principal angles from Grams
+
+def _eig_desc(k: np.ndarray, top: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending, clipped at 0) and eigenvectors of a symmetric (n, n) matrix.
+
+    With ``top``, only the ``top`` largest pairs are computed (faster for the permutation null).
+    """
+    n = k.shape[0]
+    if top is not None and top < n:
+        lam, u = scipy.linalg.eigh(k, subset_by_index=[n - top, n - 1])
+    else:
+        lam, u = np.linalg.eigh(k)
+    return np.clip(lam[::-1], 0.0, None), u[:, ::-1]
+
+
+def energy_rank(eigvals: np.ndarray, energy: float) -> int:
+    """Smallest k whose top-k eigenvalues (descending) hold ``energy`` of the total."""
+    total = float(np.sum(eigvals))
+    if total <= 0:
+        return 0
+    return int(np.searchsorted(np.cumsum(eigvals) / total, energy - 1e-12) + 1)
+
+
+def numerical_rank(eigvals: np.ndarray) -> int:
+    """Number of eigenvalues above ``_RANK_RTOL`` times the largest."""
+    top = float(np.max(eigvals, initial=0.0))
+    return int(np.sum(eigvals > _RANK_RTOL * top)) if top > 0 else 0
+
+
+def _distance_from_eig(lam0, u0, lam1, u1, k01, k: int) -> np.ndarray:
+    """D for (batches of) eigendecompositions: lam (..., n), u (..., n, n), k01 (..., n, n)."""
+    a = u0[..., :k] / np.sqrt(lam0[..., None, :k])
+    b = u1[..., :k] / np.sqrt(lam1[..., None, :k])
+    m = np.swapaxes(a, -1, -2) @ k01 @ b
+    cos2 = np.sum(m * m, axis=(-2, -1)) / k
+    return np.sqrt(np.clip(1.0 - cos2, 0.0, 1.0))
+
+
+def principal_angle_distance(k00, k11, k01, k: int) -> float:
+    """D = sqrt(mean_i sin^2 theta_i) between the top-``k`` row spaces of G_0 and G_1.
+
+    Args:
+      k00: G_0 G_0^T (n0, n0); k11: G_1 G_1^T (n1, n1); k01: G_0 G_1^T (n0, n1).
+      k: subspace dimension; at most the numerical rank of either Gram.
+    """
+    k00, k11, k01 = (np.asarray(a, np.float64) for a in (k00, k11, k01))
+    lam0, u0 = _eig_desc(k00)
+    lam1, u1 = _eig_desc(k11)
+    limit = min(numerical_rank(lam0), numerical_rank(lam1))
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= limit:
+        raise InputError(f"k must be an integer in [1, {limit}] (the smaller numerical rank), got {k!r}")
+    return float(_distance_from_eig(lam0, u0, lam1, u1, k01, int(k)))
+
+
+def _split(gram: np.ndarray, idx0: np.ndarray, idx1: np.ndarray):
+    return gram[np.ix_(idx0, idx0)], gram[np.ix_(idx1, idx1)], gram[np.ix_(idx0, idx1)]
+
+
+def choose_rank(lam0: np.ndarray, lam1: np.ndarray, n: int, *, energy: float, rank: int | None) -> int:
+    """k: ``rank`` if given, else the smallest rank keeping ``energy`` of each group's eigenvalue mass;
+    capped at n // 2 and at both numerical ranks."""
+    limit = min(n // 2, numerical_rank(lam0), numerical_rank(lam1))
+    if limit < 1:
+        return 0
+    if rank is not None:
+        return int(min(rank, limit))
+    return int(min(max(energy_rank(lam0, energy), energy_rank(lam1, energy)), limit))
+
+
+def _shuffle(z: np.ndarray, strata: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """z permuted among the examples (within each stratum when ``strata`` is given)."""
+    if strata is None:
+        return z[rng.permutation(z.shape[0])]
+    out = z.copy()
+    for s in np.unique(strata):
+        idx = np.flatnonzero(strata == s)
+        out[idx] = z[idx[rng.permutation(idx.size)]]
+    return out
+
+
+def subspace_distance_from_grams(gram, z, *, energy: float = 0.9, rank: int | None = None,
+                                 permutations: int = 20, seed: int = 0, strata=None) -> dict:
+    """D, its permutation null and p-value from one pooled Gram matrix.
+
+    Args:
+      gram: (N, N) Gram matrix <g_i, g_j> of the pooled examples.
+      z: (N,) group of each example, 0 or 1, with N/2 of each.
+      energy, rank: choice of k (see :func:`choose_rank`); the same k is used
+        for the observed split and every permutation.
+      permutations: R, number of shuffles of z for the null.
+      seed: seeds the shuffles.
+      strata: optional (N,) labels; z is then shuffled within each stratum,
+        so every permuted split keeps the observed groups' composition
+        (e.g. the same task labels).
+
+    Returns:
+      dict with ``value`` (D), ``null_mean``, ``null_sd``, ``excess``,
+      ``p_value`` = (1 + #{null >= D}) / (R + 1), ``k``, ``n_per_group`` and
+      ``null`` (the R null distances).
+    """
+    gram = np.asarray(gram, np.float64)
+    z = np.asarray(z)
+    n_total = z.shape[0]
+    if gram.shape != (n_total, n_total):
+        raise InputError(f"gram must be ({n_total}, {n_total}) to match z, got {gram.shape}")
+    idx0, idx1 = np.flatnonzero(z == 0), np.flatnonzero(z == 1)
+    if idx0.size != idx1.size or idx0.size + idx1.size != n_total:
+        raise InputError("z must hold 0 and 1 only, as many of each (balance the groups first)")
+    if strata is not None:
+        strata = np.asarray(strata)
+        if strata.shape != z.shape:
+            raise InputError(f"strata must have shape {z.shape} to match z, got {strata.shape}")
+    n = idx0.size
+    k00, k11, k01 = _split(gram, idx0, idx1)
+    lam0, u0 = _eig_desc(k00)
+    lam1, u1 = _eig_desc(k11)
+    k = choose_rank(lam0, lam1, n, energy=energy, rank=rank)
+    out = {"k": k, "n_per_group": int(n)}
+    if k == 0:
+        return dict(out, value=math.nan, null_mean=math.nan, null_sd=math.nan, excess=math.nan,
+                    p_value=math.nan, null=[])
+    d = float(_distance_from_eig(lam0, u0, lam1, u1, k01, k))
+    rng = np.random.default_rng(seed)
+    null = np.empty(permutations)
+    for r in range(permutations):
+        zr = _shuffle(z, strata, rng)
+        a, b, c = _split(gram, np.flatnonzero(zr == 0), np.flatnonzero(zr == 1))
+        la, ua = _eig_desc(a, k)
+        lb, ub = _eig_desc(b, k)
+        kr = min(k, numerical_rank(la), numerical_rank(lb))
+        null[r] = _distance_from_eig(la, ua, lb, ub, c, kr) if kr > 0 else math.nan
+    null_mean = float(np.mean(null)) if permutations else math.nan
+    null_sd = float(np.std(null, ddof=1)) if permutations > 1 else math.nan
+    p = float((1 + np.sum(null >= d)) / (permutations + 1)) if permutations else math.nan
+    return dict(out, value=d, null_mean=null_mean, null_sd=null_sd, excess=d - null_mean, p_value=p,
+                null=null.tolist())
+
+
+# ---------------------------------------------------------------- Linen Dense/Conv capture
+
+@dataclasses.dataclass(frozen=True)
+class _Linear:
+    """A Linen Dense or Conv call whose gradient is sum_t a_t delta_t^T."""
+
+    path: str
+    kind: str                      # "dense" or "conv"
+    conv: tuple | None             # (kernel_size, strides, padding, input_dilation, kernel_dilation)
+    in_shape: tuple[int, ...]      # per example
+    out_shape: tuple[int, ...]
+
+
+def _module_path(module) -> str:
+    return "/".join(str(p) for p in module.path)
+
+
+def _conv_config(module):
+    """lax arguments of a plain nn.Conv, or None when its form is not supported here."""
+    from flax import linen as nn
+    from flax.linen.linear import canonicalize_padding
+
+    if type(module) is not nn.Conv or module.feature_group_count != 1 or module.mask is not None:
+        return None
+    if getattr(module, "conv_general_dilated", None) is not None:
+        return None
+    ks = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
+
+    def bc(v):
+        v = 1 if v is None else v
+        return (v,) * len(ks) if isinstance(v, int) else tuple(v)
+
+    padding = canonicalize_padding(module.padding, len(ks))
+    if isinstance(padding, str):
+        if padding not in ("SAME", "VALID", "SAME_LOWER"):
+            return None
+    else:
+        padding = tuple(tuple(p) for p in padding)
+    return (ks, bc(module.strides), padding, bc(module.input_dilation), bc(module.kernel_dilation))
+
+
+def _find_linears(task: Task) -> dict[str, _Linear]:
+    """Linen Dense/Conv modules called exactly once by ``task.apply_fn``, by module path."""
+
+    def build():
+        from flax import linen as nn
+
+        calls: dict[str, list] = {}
+
+        def record(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            mod = context.module
+            if context.method_name == "__call__" and type(mod) in (nn.Dense, nn.Conv) and args:
+                kind = "dense" if type(mod) is nn.Dense else "conv"
+                conv = _conv_config(mod) if kind == "conv" else None
+                ok = kind == "dense" or conv is not None
+                calls.setdefault(_module_path(mod), []).append(
+                    (ok, kind, conv, tuple(args[0].shape[1:]), tuple(out.shape[1:])))
+            return out
+
+        def probe(params, x):
+            with nn.intercept_methods(record):
+                return task.apply_fn(params, x)
+
+        try:
+            jax.eval_shape(probe, task.params, jnp.zeros((2, *task.input_shape), jnp.float32))
+        except Exception:  # noqa: BLE001 - not a Linen model the interceptor understands: use the fallback
+            return {}
+        found = {}
+        for path, cs in calls.items():
+            ok, kind, conv, ins, outs = cs[0]
+            if len(cs) == 1 and ok:
+                found[path] = _Linear(path, kind, conv, ins, outs)
+        return found
+
+    return task.cached(("linen_linears",), build)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """How one layer's Gram is formed."""
+
+    layer: Layer
+    source: str                    # "activations/errors", "exact" or "sketch"
+    linear: _Linear | None = None
+    kernel: bool = False           # the layer holds the module's kernel
+    bias: bool = False             # ... and/or its bias
+    route: str = ""                # "factored" or "outer" for activations/errors
+    positions: int = 1             # T
+    a_dim: int = 0                 # |a| (patch size, + 1 with bias)
+    d_dim: int = 0                 # |delta| (output channels)
+
+
+def _linear_plan(task: Task, layer: Layer, linears: dict[str, _Linear]) -> _Plan | None:
+    parents = {p.rsplit("/", 1)[0] if "/" in p else "" for p in layer.paths}
+    leaves = {p.rsplit("/", 1)[-1] for p in layer.paths}
+    if len(parents) != 1 or not leaves <= {"kernel", "bias"}:
+        return None
+    lin = linears.get(parents.pop())
+    if lin is None:
+        return None
+    shapes = dict(zip((p.rsplit("/", 1)[-1] for p in layer.paths), layer.shapes))
+    d = lin.out_shape[-1]
+    if lin.kind == "dense":
+        a = lin.in_shape[-1]
+        t = int(np.prod(lin.out_shape[:-1], dtype=np.int64))
+        expect_kernel = (a, d)
+    else:
+        ks = lin.conv[0]
+        a = int(np.prod(ks)) * lin.in_shape[-1]
+        t = int(np.prod(lin.out_shape[:-1], dtype=np.int64))
+        expect_kernel = (*ks, lin.in_shape[-1], d)
+    if "kernel" in shapes and tuple(shapes["kernel"]) != expect_kernel:
+        return None
+    if "bias" in shapes and tuple(shapes["bias"]) != (d,):
+        return None
+    a_dim = (a if "kernel" in leaves else 0) + (1 if "bias" in leaves else 0)
+    route = "factored" if t * t * (a_dim + d) <= a_dim * d else "outer"
+    return _Plan(layer, "activations/errors", lin, "kernel" in leaves, "bias" in leaves, route, t, a_dim, d)
+
+
+def _rows(plan: _Plan, inputs: jax.Array) -> jax.Array:
+    """Input rows a_t of each example (B, T, |a|), with a constant 1 column for the bias."""
+    b = inputs.shape[0]
+    parts = []
+    if plan.kernel:
+        if plan.linear.kind == "dense":
+            parts.append(inputs.reshape(b, plan.positions, -1))
+        else:
+            ks, strides, padding, lhs_dil, rhs_dil = plan.linear.conv
+            nd = len(ks)
+            spatial = "HWD"[:nd] if nd <= 3 else None
+            spec = f"N{spatial}C"
+            patches = jax.lax.conv_general_dilated_patches(
+                inputs, ks, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
+                dimension_numbers=(spec, f"{spatial}IO", spec))
+            parts.append(patches.reshape(b, plan.positions, -1))
+    if plan.bias:
+        parts.append(jnp.ones((b, plan.positions, 1), inputs.dtype))
+    return jnp.concatenate(parts, axis=-1)
+
+
+def _features_fn(task: Task, items: Sequence[tuple[_Plan, int, int]]) -> Callable:
+    """Jitted ``(params, x, y) -> {key: features}`` for one pass.
+
+    Each item (plan, lo, hi) asks for output channels [lo, hi) of a layer:
+    ``outer`` gives (B, |a| (hi - lo)) = a ⊗ delta summed over positions;
+    ``factored`` gives rows (B, T, |a|) and errors (B, T, |delta|).
+    """
+    from flax import linen as nn
+
+    paths = sorted({plan.linear.path for plan, _, _ in items})
+    key = ("subspace_features", tuple((plan.layer.name, lo, hi) for plan, lo, hi in items))
+
+    def build():
+        def run(params, x, y, eps):
+            inputs = {}
+
+            def intercept(next_fun, args, kwargs, context):
+                out = next_fun(*args, **kwargs)
+                if context.method_name == "__call__":
+                    path = _module_path(context.module)
+                    if path in eps:
+                        inputs[path] = args[0]
+                        out = out + eps[path]
+                return out
+
+            with nn.intercept_methods(intercept):
+                logits = task.apply_fn(params, x)
+            return jnp.sum(task.loss_fn(logits, y)), inputs
+
+        def traced(params, x, y):
+            _grads.TRACE_COUNTS[key] += 1
+            lin = {plan.linear.path: plan.linear for plan, _, _ in items}
+            eps = {p: jnp.zeros((x.shape[0], *lin[p].out_shape), x.dtype) for p in paths}
+            # Examples do not interact, so d(sum of losses)/d(output) is each example's own error.
+            deltas, inputs = jax.grad(run, argnums=3, has_aux=True)(params, x, y, eps)
+            out = {}
+            for plan, lo, hi in items:
+                a = _rows(plan, inputs[plan.linear.path])
+                d = deltas[plan.linear.path].reshape(x.shape[0], plan.positions, -1)[..., lo:hi]
+                name = plan.layer.name
+                if plan.route == "factored":
+                    out[f"a/{name}"], out[f"d/{name}"] = a, d
+                else:
+                    out[f"g/{name}/{lo}"] = jnp.einsum("bta,btd->bad", a, d).reshape(x.shape[0], -1)
+            return out
+
+        return jax.jit(traced)
+
+    return task.cached(key, build)
+
+
+def _factored_gram_fn(task: Task) -> Callable:
+    def build():
+        def traced(a_all, d_all, a, d):
+            _grads.TRACE_COUNTS[("factored_gram",)] += 1
+            pa = jnp.einsum("isa,jta->ijst", a, a_all)
+            pd = jnp.einsum("isd,jtd->ijst", d, d_all)
+            return {"k": jnp.sum(pa * pd, axis=(2, 3))}
+
+        return jax.jit(traced)
+
+    return task.cached(("factored_gram",), build)
+
+
+def _gram_np(f: np.ndarray) -> np.ndarray:
+    return (f @ f.T).astype(np.float64)
+
+
+def _passes(plans: Sequence[_Plan], n: int) -> list[list[tuple[_Plan, int, int]]]:
+    """Group (layer, channel block) items so that one pass keeps at most _HOST_FLOATS on the host."""
+    items, sizes = [], []
+    for plan in plans:
+        if plan.route == "factored":
+            items.append((plan, 0, plan.d_dim))
+            sizes.append(n * plan.positions * (plan.a_dim + plan.d_dim))
+            continue
+        per_channel = n * plan.a_dim
+        width = max(1, min(plan.d_dim, _HOST_FLOATS // per_channel))
+        for lo in range(0, plan.d_dim, width):
+            hi = min(plan.d_dim, lo + width)
+            items.append((plan, lo, hi))
+            sizes.append(per_channel * (hi - lo))
+    passes, current, used = [], [], 0
+    for item, size in zip(items, sizes):
+        if current and used + size > _HOST_FLOATS:
+            passes.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += size
+    if current:
+        passes.append(current)
+    return passes
+
+
+def _pass_chunk(task: Task, items, n: int) -> int:
+    """Examples per compiled call: keeps intermediates of one call near 2^25 floats."""
+    per_example = 0
+    for plan, lo, hi in items:
+        per_example += plan.positions * (plan.a_dim + plan.d_dim) + plan.a_dim * (hi - lo)
+    acts = sum(int(np.prod(lin.in_shape)) + int(np.prod(lin.out_shape)) for lin in _find_linears(task).values())
+    per_example += 3 * acts + task.num_params // 64
+    return int(max(1, min(n, 256, _grads._CHUNK_FLOATS // max(1, per_example))))
+
+
+def layer_grams(task: Task, x, y, *, layers: Sequence[str] | None = None, chunk_size: int | None = None,
+                progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Gram matrices of per-example gradients, ``{layer: (N, N) float64}``, and how each was formed.
+
+    K_ij = <g_l(x_i, y_i), g_l(x_j, y_j)>. Sources: ``"activations/errors"``
+    (Linen Dense/Conv, exact up to float32 rounding, no per-example gradient
+    formed), ``"exact"`` (per-example gradients, layers that fit in memory),
+    ``"sketch"`` (count-sketched gradients, width 4096; unbiased but noisy).
+    """
+    x, y = task.check_inputs(x, y)
+    n = x.shape[0]
+    sel = task.select(layers)
+    linears = _find_linears(task)
+    plans = []
+    for layer in sel:
+        plan = _linear_plan(task, layer, linears)
+        if plan is None:
+            plan = _Plan(layer, "exact" if n * layer.size <= _HOST_FLOATS else "sketch")
+        plans.append(plan)
+    grams: dict[str, np.ndarray] = {}
+    linear_plans = [p for p in plans if p.source == "activations/errors"]
+    for items in _passes(linear_plans, n):
+        fn = _features_fn(task, items)
+        chunk = _grads._check_chunk(chunk_size, n) if chunk_size else _pass_chunk(task, items, n)
+        feats = _grads.map_chunks(fn, [x, y], chunk, desc="activations and errors", progress=progress,
+                                  extra=(task.params,))
+        _grads.check_finite(feats, "activation or error")
+        for plan, lo, _ in items:
+            name = plan.layer.name
+            if plan.route == "factored":
+                a, d = feats.pop(f"a/{name}"), feats.pop(f"d/{name}")
+                block = int(max(1, min(n, _grads._CHUNK_FLOATS // max(1, n * plan.positions ** 2))))
+                k = _grads.map_chunks(_factored_gram_fn(task), [a, d], block,
+                                      extra=(jnp.asarray(a), jnp.asarray(d)))["k"].astype(np.float64)
+            else:
+                k = _gram_np(feats.pop(f"g/{name}/{lo}"))
+            grams[name] = grams[name] + k if name in grams else k
+    exact = [p.layer.name for p in plans if p.source == "exact"]
+    if exact:
+        g = _grads.layer_grads(task, x, y, layers=exact, chunk_size=chunk_size, progress=progress)
+        for name in exact:
+            grams[name] = _gram_np(g.pop(name))
+    sketched = [p.layer.name for p in plans if p.source == "sketch"]
+    if sketched:
+        g = _grads.sketch_grads(task, x, y, dim=_SKETCH_DIM, layers=sketched, chunk_size=chunk_size,
+                                progress=progress)
+        for name in sketched:
+            grams[name] = _gram_np(g.pop(name))
+    return {p.layer.name: grams[p.layer.name] for p in plans}, {p.layer.name: p.source for p in plans}
+
+
+# ---------------------------------------------------------------- the measure
+
+def balanced_groups(z, *, seed: int = 0, max_per_group: int | None = None,
+                    strata=None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a balanced subsample: ``(index (2n,), group (2n,))``, n examples of each z value.
+
+    z must take exactly two values; the smaller value is group 0. Examples are
+    paired at random across the groups (within each stratum when ``strata``
+    is given, so both groups get the same strata counts); n is the number of
+    pairs, at most ``max_per_group`` (a seeded random subset of the pairs).
+    """
+    z = np.asarray(z)
+    if z.ndim != 1:
+        raise InputError(f"latent attribute z must be one value per example (N,), got shape {z.shape}")
+    if not (np.issubdtype(z.dtype, np.integer) or z.dtype == bool):
+        raise InputError(f"latent attribute z must hold integer classes, got dtype {z.dtype}")
+    values = np.unique(z)
+    if values.size != 2:
+        raise InputError(
+            f"subspace distance compares two groups, but z takes {values.size} value(s) "
+            f"({values[:10].tolist()}); pass a binary latent attribute"
+        )
+    if max_per_group is not None and (not isinstance(max_per_group, (int, np.integer)) or max_per_group < 2):
+        raise InputError(f"max_per_group must be an integer >= 2, got {max_per_group!r}")
+    strata = np.zeros(z.shape, np.int64) if strata is None else np.asarray(strata)
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for s in np.unique(strata):
+        m0 = rng.permutation(np.flatnonzero((strata == s) & (z == values[0])))
+        m1 = rng.permutation(np.flatnonzero((strata == s) & (z == values[1])))
+        c = min(m0.size, m1.size)
+        pairs.append(np.stack([m0[:c], m1[:c]], axis=1))
+    pairs = np.concatenate(pairs)
+    if max_per_group is not None and pairs.shape[0] > max_per_group:
+        pairs = pairs[np.sort(rng.choice(pairs.shape[0], int(max_per_group), replace=False))]
+    n = pairs.shape[0]
+    if n < 2:
+        raise InputError(
+            f"each group of z needs at least 2 examples (matched within task labels when stratified); got {n}"
+        )
+    return np.concatenate([np.sort(pairs[:, 0]), np.sort(pairs[:, 1])]), np.repeat(np.array([0, 1]), n)
+
+
+def subspace_distance(task: Task, x, y, z, *, energy: float = 0.9, rank: int | None = None,
+                      permutations: int = 20, seed: int = 0, layers: Sequence[str] | None = None,
+                      progress: bool = False, max_per_group: int | None = None,
+                      stratify: bool = True) -> LayerScores:
+    """Per-layer subspace distance between the gradients of z = 0 and z = 1 (latent information).
+
+    Args:
+      task: the model.
+      x, y: examples (N, H, W, C) and task labels (N,).
+      z: binary latent attribute (N,).
+      energy: default k is the smallest rank keeping this fraction of each
+        group's gradient energy (capped at n // 2).
+      rank: a fixed k instead (capped at n // 2 and the Grams' ranks).
+      permutations: R, shuffles of z for the null.
+      seed: seeds the balanced subsample and the shuffles.
+      max_per_group: at most this many examples per group.
+      stratify: match the groups within each task label y (same class counts
+        in both) and shuffle z within each label for the null. The null then
+        has exactly the observed groups' composition, and the excess is what
+        the gradients tell about z beyond y. Needs both z values within
+        labels; ``False`` balances and shuffles over all examples.
+
+    Returns:
+      :class:`LayerScores` ``'subspace_distance'``: ``value`` = D_l in [0, 1];
+      extras ``null_mean``, ``null_sd``, ``excess`` (D_l - null mean: the
+      leakage signal), ``p_value``, ``k``, ``n_per_group`` and
+      ``gram_source``.
+    """
+    if not (isinstance(energy, (int, float)) and 0 < energy <= 1):
+        raise InputError(f"energy must be in (0, 1], got {energy!r}")
+    if rank is not None and (not isinstance(rank, (int, np.integer)) or rank < 1):
+        raise InputError(f"rank must be a positive integer, got {rank!r}")
+    if not isinstance(permutations, (int, np.integer)) or permutations < 0:
+        raise InputError(f"permutations must be an integer >= 0, got {permutations!r}")
+    x, y = task.check_inputs(x, y)
+    z = np.asarray(z)
+    if z.shape != (x.shape[0],):
+        raise InputError(f"latent attribute z has shape {z.shape}; expected ({x.shape[0]},) to match 'x'")
+    index, group = balanced_groups(z, seed=seed, max_per_group=max_per_group, strata=y if stratify else None)
+    grams, sources = layer_grams(task, x[index], y[index], layers=layers, progress=progress)
+    scores = {}
+    for i, (name, gram) in enumerate(grams.items()):
+        res = subspace_distance_from_grams(gram, group, energy=energy, rank=rank, permutations=permutations,
+                                           seed=seed * 1000003 + i, strata=y[index] if stratify else None)
+        value = res.pop("value")
+        res.pop("null")
+        res["gram_source"] = sources[name]
+        scores[name] = Score(value, None, res)
+    meta = {
+        "definition": "D_l = sqrt(mean_i sin^2 theta_i), principal angles between the top-k gradient subspaces",
+        "energy": energy if rank is None else None,
+        "rank": rank,
+        "permutations": int(permutations),
+        "stratified_by_label": bool(stratify),
+        "seed": int(seed),
+        "signal": "excess = D_l - permutation null mean",
+        "p_value": "(1 + #{null >= D_l}) / (R + 1)",
+    }
+    return LayerScores("subspace_distance", scores, unit="dimensionless", meta=meta)
