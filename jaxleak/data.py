@@ -227,18 +227,31 @@ def _image_latents(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray],
 # --------------------------------------------------------------------------
 # Sources.
 
-def digits(max_examples: int | None = None) -> Dataset:
-    """scikit-learn's digits (1797 images of 8x8, 10 classes), with thickness and slant."""
+def digits(max_examples: int | None = None, resize: int | None = None, channels: int = 1) -> Dataset:
+    """scikit-learn's digits (1797 images of 8x8, 10 classes), with thickness and slant.
+
+    ``resize`` (e.g. 32) scales the images up bilinearly and ``channels``
+    (1 or 3) repeats the gray channel, to run CIFAR-shaped models on real
+    shipped data when no CIFAR is prepared. Latents are computed on the
+    original 8x8 images.
+    """
     from sklearn.datasets import load_digits
 
+    if channels not in (1, 3):
+        raise InputError(f"digits channels must be 1 or 3, got {channels!r}")
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / 16.0)[..., None]
     y = bunch.target.astype(np.int32)
     if max_examples is not None:
         x, y = x[:max_examples], y[:max_examples]
-    return from_arrays(
-        x, y, morpho_latents(x, y), name="digits", num_classes=10, descriptions=_MORPHO_DESCRIPTIONS
-    )
+    latents = morpho_latents(x, y)
+    if resize is not None:
+        if not isinstance(resize, (int, np.integer)) or resize < 1:
+            raise InputError(f"digits resize must be a positive integer, got {resize!r}")
+        x = np.clip(_resize(x, (int(resize), int(resize))), 0.0, 1.0)
+    if channels == 3:
+        x = np.repeat(x, 3, axis=-1)
+    return from_arrays(x, y, latents, name="digits", num_classes=10, descriptions=_MORPHO_DESCRIPTIONS)
 
 
 def planted_pattern(shape: tuple[int, int, int], seed: int = 1234) -> np.ndarray:
@@ -255,18 +268,20 @@ def planted_pattern(shape: tuple[int, int, int], seed: int = 1234) -> np.ndarray
     return np.repeat(blob[..., None], c, axis=-1).astype(np.float32)
 
 
-def planted(strength: float = 1.0, seed: int = 0, max_examples: int | None = None) -> Dataset:
+def planted(strength: float = 1.0, seed: int = 0, max_examples: int | None = None, resize: int | None = None,
+            channels: int = 1) -> Dataset:
     """Digits with a planted latent bit ``z`` (ground truth for validating measures).
 
     ``z`` is drawn uniformly and independently of ``y`` (balanced within each
     class). Each image becomes ``clip(x + 0.1 * strength * (2z - 1) * p, 0, 1)``
     with a fixed smooth pattern ``p``. With ``strength = 0`` the images are the
     original digits, so x (and every gradient) carries no information about z.
-    The real attributes ``thickness`` and ``slant`` are kept as well.
+    The real attributes ``thickness`` and ``slant`` are kept as well;
+    ``resize`` and ``channels`` work as for :func:`digits`.
     """
     if not np.isfinite(strength) or strength < 0:
         raise InputError(f"planted strength must be a finite number >= 0, got {strength}")
-    base = digits(max_examples)
+    base = digits(max_examples, resize=resize, channels=channels)
     rng = np.random.default_rng(seed)
     z = _median_split_within_class(rng.random(base.n), base.y)
     pattern = planted_pattern(base.input_shape)

@@ -142,3 +142,16 @@ def test_tfds_celeb_a_unknown_attribute():
 def test_tfds_not_prepared_fails_fast(tmp_path):
     with pytest.raises(DataUnavailableError, match="tfds build mnist"):
         data.load("tfds:mnist", data_dir=str(tmp_path))
+
+
+def test_digits_resized_to_cifar_shape(digits):
+    big = data.load("digits", resize=32, channels=3)
+    assert big.x.shape == (1797, 32, 32, 3)
+    np.testing.assert_array_equal(big.latent["thickness"], digits.latent["thickness"])
+    np.testing.assert_array_equal(big.x[..., 0], big.x[..., 2])
+    # Bilinear upscaling keeps the mean intensity close to the original.
+    np.testing.assert_allclose(big.x.mean(axis=(1, 2, 3)), digits.x.mean(axis=(1, 2, 3)), atol=0.02)
+    p = data.load("planted", strength=1.0, resize=16, channels=3)
+    assert p.x.shape == (1797, 16, 16, 3)
+    with pytest.raises(InputError, match="channels"):
+        data.load("digits", channels=2)
