@@ -532,17 +532,20 @@ def _block_max_jvp(window, primals, tangents):
     return m, out
 
 
+_SUM = "\0sum/"  # output key prefix of the row sums; no layer name starts with NUL
+
+
 def _with_row_sums(g: dict[str, jax.Array]) -> dict:
-    """Add each layer's per-example sums under ("sum", layer): a cheap finiteness witness.
+    """Add each layer's per-example sums under _SUM + layer: a cheap finiteness witness.
 
     A row that holds NaN or Inf has a non-finite sum, so the host only scans
     the full gradients when some sum is not finite (to name the rows).
     """
-    return {**g, **{("sum", name): jnp.sum(v, axis=tuple(range(1, v.ndim))) for name, v in g.items()}}
+    return {**g, **{_SUM + name: jnp.sum(v, axis=tuple(range(1, v.ndim))) for name, v in g.items()}}
 
 
 def _check_row_sums(out: dict, what: str = "gradient") -> dict[str, np.ndarray]:
-    sums = {key[1]: out.pop(key) for key in [k for k in out if isinstance(k, tuple) and k[0] == "sum"]}
+    sums = {key[len(_SUM):]: out.pop(key) for key in [k for k in out if k.startswith(_SUM)]}
     if not all(np.all(np.isfinite(s)) for s in sums.values()):
         check_finite(out, what)
     return out
