@@ -1,0 +1,5 @@
+import sys
+
+from jaxleak.cli import main
+
+sys.exit(main())
