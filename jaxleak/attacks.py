@@ -24,10 +24,11 @@ is ``softmax(logits) - onehot(y)``, whose only negative entry is at y, so
 the rule is exact; it stays exact for the mean over K local steps); or
 optimised jointly as soft labels (DLG), which is the default for B > 1.
 
-Restarts, victims (and layers for per-layer attacks) run in parallel: one
-jitted ``lax.scan`` over steps of a vmapped Adam step. The best restart is
-the one with the lowest final matching loss; the ground truth is never
-consulted. :func:`score` compares reconstructions with originals (MSE,
+Restarts, victims (and layers for per-layer attacks) run in parallel in one
+jitted ``lax.scan`` over steps: the dummy batches of all runs are stacked
+and their updates come from one batched per-example gradient computation
+(see :func:`_build`). The best restart is the one with the lowest final
+matching loss; the ground truth is never consulted. :func:`score` compares reconstructions with originals (MSE,
 PSNR, SSIM), matching them by the Hungarian assignment when B > 1.
 """
 
@@ -440,9 +441,13 @@ def _run(task: Task, target_update, *, weights_for: Callable[[int], np.ndarray],
     x, q, losses = fns["final"](task.params, state, targets, lab, weights, hyper)
     x, losses = np.asarray(x), np.asarray(losses)
     trace = np.concatenate([np.asarray(t) for t in traces], axis=-1)
-    if not np.all(np.isfinite(losses)):
-        raise NonFiniteError(f"the {method} matching loss became NaN or infinite; try a smaller lr")
-    best = np.argmin(losses, axis=-1)  # (M, V)
+    # A diverged restart never wins; only a victim with no finite restart is an error.
+    finite = np.where(np.isfinite(losses), losses, np.inf)
+    if np.any(np.all(np.isinf(finite), axis=-1)):
+        victim = int(np.argwhere(np.all(np.isinf(finite), axis=-1))[0][1])
+        raise NonFiniteError(f"the {method} matching loss became NaN or infinite in every restart of victim "
+                             f"{victim}; try a smaller lr")
+    best = np.argmin(finite, axis=-1)  # (M, V)
     best_x = _pick(x, best)
     labels_out = np.broadcast_to(np.asarray(lab), best.shape + lab.shape[1:]) if not soft else _pick(np.asarray(q), best)
     config = {"method": method, "steps": steps, "restarts": restarts, "batch_size": batch, "lr": lr, "tv": tv,
