@@ -53,6 +53,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sketch-dim", type=int, help="width of gradient sketches; default 1024")
     p.add_argument("--chunk-size", type=int, help="examples per compiled chunk (memory bound)")
     p.add_argument("--params", metavar="FILE", help="model parameters: flax msgpack file or orbax checkpoint folder")
+    p.add_argument("--devices", type=int, help="shard examples over this many devices (jax.sharding.Mesh); default 1")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="persistent XLA compilation cache folder (also env JAXLEAK_COMPILE_CACHE)")
     p.add_argument("--out", metavar="DIR", help="run directory; default runs/<timestamp>")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR (same options)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -62,6 +65,7 @@ _RUN_FLAGS = {
     "dataset": "dataset", "model": "model", "seed": "seed", "n": "n", "epochs": "epochs", "lr": "lr",
     "batch_size": "batch_size", "latent": "latent", "measures": "measures", "probes": "probes",
     "permutations": "permutations", "sketch_dim": "sketch_dim", "chunk_size": "chunk_size", "params": "params",
+    "devices": "devices",
 }
 
 
@@ -81,10 +85,23 @@ def _run_config(args):
     return run_lib.RunConfig(**options)
 
 
+def enable_compile_cache(folder: str | None) -> None:
+    """Keep compiled XLA programs in ``folder`` so later processes skip compilation."""
+    if not folder:
+        return
+    import jax
+
+    os.makedirs(folder, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def cmd_run(args) -> int:
     from jaxleak import run as run_lib
 
     config = _run_config(args)
+    enable_compile_cache(args.compile_cache or os.environ.get("JAXLEAK_COMPILE_CACHE"))
     out = args.resume or args.out
     if args.resume and args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise InputError("--out and --resume name different directories; give only --resume DIR")

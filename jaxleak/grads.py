@@ -17,6 +17,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
+from jaxleak import sharding
 from jaxleak.errors import InputError, NonFiniteError
 from jaxleak.task import Layer, Task
 
@@ -43,13 +44,20 @@ def _check_chunk(chunk_size, n: int) -> int:
 
 
 def map_chunks(fn: Callable, arrays: Sequence[np.ndarray], chunk_size: int, *, desc: str | None = None,
-               progress: bool = False, extra=()) -> dict[str, np.ndarray]:
+               progress: bool = False, extra=(), mesh=None) -> dict[str, np.ndarray]:
     """Apply ``fn(*extra, *chunk_arrays) -> {name: (chunk, ...)}`` over the leading axis.
 
     Every call sees exactly ``chunk_size`` rows (the last chunk is padded with
     copies of its first row and the padding dropped), so ``fn`` compiles once.
-    Outputs are gathered on the host.
+    Outputs are gathered on the host. With a mesh (given, or from an enclosing
+    ``jaxleak.sharding.use_mesh`` block) the chunk is rounded up to a multiple
+    of the device count, its rows are split over the devices and ``extra`` is
+    replicated, so XLA partitions ``fn`` over the example axis.
     """
+    mesh = sharding.resolve(mesh)
+    if mesh is not None:
+        chunk_size = sharding.round_chunk(chunk_size, mesh)
+        extra = sharding.replicate(tuple(extra), mesh)
     n = int(arrays[0].shape[0])
     out: dict[str, np.ndarray] = {}
     starts = range(0, n, chunk_size)
@@ -65,10 +73,10 @@ def map_chunks(fn: Callable, arrays: Sequence[np.ndarray], chunk_size: int, *, d
             part = a[start:stop]
             if pad:
                 part = np.concatenate([part, np.repeat(part[:1], pad, axis=0)], axis=0)
-            batch.append(part)
+            batch.append(sharding.shard_rows(part, mesh))
         result = fn(*extra, *batch)
         if start == 0 and stop == n:  # one chunk: hand over the device buffers without a copy
-            return {key: np.asarray(value) for key, value in result.items()}
+            return {key: np.asarray(value)[:n] for key, value in result.items()}
         for key, value in result.items():
             value = np.asarray(value)
             if key not in out:
@@ -567,7 +575,7 @@ def _compiled_layer_grads(task: Task, layers: Sequence[Layer], method: str = "au
 
 
 def layer_grads(task: Task, x, y, *, chunk_size: int | None = None, layers: Sequence[str] | None = None,
-                progress: bool = False, method: str = "auto") -> dict[str, np.ndarray]:
+                progress: bool = False, mesh=None, method: str = "auto") -> dict[str, np.ndarray]:
     """Per-example gradients of every layer: ``{layer: (N, P_l)}`` in forward order.
 
     g(x, y) = grad_W loss(f(x; W), y) (METHOD section 1), flattened per layer
@@ -581,7 +589,8 @@ def layer_grads(task: Task, x, y, *, chunk_size: int | None = None, layers: Sequ
     sel = task.select(layers)
     chunk = _check_chunk(chunk_size, x.shape[0]) if chunk_size else default_chunk_size(task, sel, x.shape[0])
     fn = _compiled_layer_grads(task, sel, method)
-    grads = map_chunks(fn, [x, y], chunk, desc="per-example gradients", progress=progress, extra=(task.params,))
+    grads = map_chunks(fn, [x, y], chunk, desc="per-example gradients", progress=progress, extra=(task.params,),
+                       mesh=mesh)
     grads = _check_row_sums(grads)
     return {layer.name: grads[layer.name] for layer in sel}
 
@@ -645,7 +654,7 @@ def _compiled_sketch_grads(task: Task, layers: Sequence[Layer], dim: int, seed: 
 
 
 def sketch_grads(task: Task, x, y, *, dim: int = 1024, seed: int = 0, chunk_size: int | None = None,
-                 layers: Sequence[str] | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+                 layers: Sequence[str] | None = None, progress: bool = False, mesh=None) -> dict[str, np.ndarray]:
     """Per-example gradients reduced to at most ``dim`` features per layer: ``{layer: (N, min(P_l, dim))}``.
 
     Layers with P_l <= dim come back whole; larger ones through a fixed
@@ -657,7 +666,8 @@ def sketch_grads(task: Task, x, y, *, dim: int = 1024, seed: int = 0, chunk_size
     sel = task.select(layers)
     chunk = _check_chunk(chunk_size, x.shape[0]) if chunk_size else default_chunk_size(task, sel, x.shape[0])
     fn = _compiled_sketch_grads(task, sel, int(dim), int(seed))
-    out = map_chunks(fn, [x, y], chunk, desc="sketched gradients", progress=progress, extra=(task.params,))
+    out = map_chunks(fn, [x, y], chunk, desc="sketched gradients", progress=progress, extra=(task.params,),
+                     mesh=mesh)
     check_finite(out)
     return {layer.name: out[layer.name] for layer in sel}
 
@@ -731,7 +741,7 @@ def _compiled_updates(task: Task, layers: Sequence[Layer], local_steps: int, ske
 def client_updates(task: Task, x, y, *, batch_size: int, local_steps: int = 1, lr: float = 0.1,
                    num_updates: int, seed: int = 0, chunk_size: int | None = None,
                    layers: Sequence[str] | None = None, sketch_dim: int | None = None, sketch_seed: int = 0,
-                   progress: bool = False) -> ClientUpdates:
+                   progress: bool = False, mesh=None) -> ClientUpdates:
     """Shared client updates u(S) = (W0 - W_K) / (K lr) (METHOD section 1).
 
     Each of ``num_updates`` clients holds a batch S of ``batch_size`` examples
@@ -753,6 +763,6 @@ def client_updates(task: Task, x, y, *, batch_size: int, local_steps: int = 1, l
     fn = _compiled_updates(task, sel, int(local_steps), sketch_dim, sketch_seed)
     lr32 = jnp.float32(lr)
     out = map_chunks(lambda xb, yb: fn(task.params, lr32, xb, yb), [x[batches], y[batches]], chunk,
-                     desc="client updates", progress=progress)
+                     desc="client updates", progress=progress, mesh=mesh)
     check_finite(out, "client update")
     return ClientUpdates({layer.name: out[layer.name] for layer in sel}, batches[:, 0].copy())

@@ -51,6 +51,7 @@ class RunConfig:
     permutations: int = 20
     sketch_dim: int = 1024
     params: str | None = None
+    devices: int = 1
     data_options: dict = dataclasses.field(default_factory=dict)
     model_options: dict = dataclasses.field(default_factory=dict)
 
@@ -241,7 +242,9 @@ def run(config: RunConfig, *, out: str | None = None, resume: bool = False, prog
     bar chart per measure. With ``resume=True`` the finished parts of ``out``
     are kept and only the missing measures are computed.
 
-    Invalid options fail before the directory is created. If a measure fails
+    ``config.devices > 1`` shards the example axis of every measure over a
+    mesh of that many devices (``jaxleak.sharding``). Invalid options fail
+    before the directory is created. If a measure fails
     with a :class:`JaxleakError` in a fresh run, the directory is removed; an
     interruption (Ctrl-C) keeps it for ``resume``.
     """
@@ -252,6 +255,14 @@ def run(config: RunConfig, *, out: str | None = None, resume: bool = False, prog
     elif os.path.exists(out) and os.listdir(out):
         raise InputError(f"output directory {out!r} exists and is not empty; choose another --out "
                          f"or continue it with --resume")
+    from jaxleak.sharding import make_mesh, use_mesh
+
+    mesh = make_mesh(config.devices) if config.devices != 1 else None
+    with use_mesh(mesh):
+        return _run(config, out, resume, progress, on_measure, started)
+
+
+def _run(config: RunConfig, out: str, resume: bool, progress: bool, on_measure, started: float) -> dict:
     t0 = time.time()
     prep = prepare(config, progress=progress)
     timing = {"prepare_s": time.time() - t0}
