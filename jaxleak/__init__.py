@@ -4,6 +4,8 @@ The public API is re-exported here; see the README for a tour.
 """
 
 from jaxleak import attacks, data, defenses, measures, metrics, models, sharding
+from jaxleak.attacks import InversionResult, invert, invert_per_layer, save_grid, score
+from jaxleak.defenses import DP, Dropout, Prune, Quantize, Sign, defended_client_updates, defended_updates, dp_epsilon
 from jaxleak.errors import (
     ConfigError,
     DataUnavailableError,
@@ -13,7 +15,16 @@ from jaxleak.errors import (
     UnknownNameError,
 )
 from jaxleak.gradnorm import grad_norms
-from jaxleak.grads import ClientUpdates, client_batches, client_updates, layer_grads, sketch_grads
+from jaxleak.grads import (
+    ClientUpdates,
+    client_batches,
+    client_updates,
+    layer_grads,
+    per_example_grad_fn,
+    sketch_grads,
+    vmap_grad_fn,
+)
+from jaxleak.metrics import spearman
 from jaxleak.monitor import LeakageMonitor
 from jaxleak.scores import LayerScores, Score
 from jaxleak.sensitivity import sensitivity
@@ -26,30 +37,46 @@ __version__ = "0.1.0"
 __all__ = [
     "ClientUpdates",
     "ConfigError",
+    "DP",
     "DataUnavailableError",
+    "Dropout",
     "InputError",
+    "InversionResult",
     "JaxleakError",
     "Layer",
     "LayerScores",
     "LeakageMonitor",
     "NonFiniteError",
+    "Prune",
+    "Quantize",
     "Score",
+    "Sign",
     "Task",
     "UnknownNameError",
     "attacks",
     "client_batches",
     "client_updates",
     "data",
+    "defended_client_updates",
+    "defended_updates",
     "defenses",
+    "dp_epsilon",
     "grad_norms",
+    "invert",
+    "invert_per_layer",
     "layer_grads",
     "measures",
     "metrics",
     "models",
+    "per_example_grad_fn",
+    "save_grid",
+    "score",
     "sensitivity",
     "sharding",
     "sketch_grads",
+    "spearman",
     "subspace_distance",
     "v_information",
     "v_information_from_features",
+    "vmap_grad_fn",
 ]
