@@ -58,7 +58,8 @@ def _vinfo(target_kind: str):
 
         target = z if target_kind == "latent" else "input"
         return v_information(task, x, y, target, sketch_dim=opts.get("sketch_dim", 1024), seed=opts.get("seed", 0),
-                             progress=progress)
+                             steps=opts.get("vinfo_steps", 300), folds=opts.get("vinfo_folds", 5),
+                             chunk_size=opts.get("chunk_size"), progress=progress)
 
     return compute
 

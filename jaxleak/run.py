@@ -50,6 +50,8 @@ class RunConfig:
     probes: int = 16
     permutations: int = 20
     sketch_dim: int = 1024
+    vinfo_steps: int = 300
+    vinfo_folds: int = 5
     params: str | None = None
     devices: int = 1
     data_options: dict = dataclasses.field(default_factory=dict)
@@ -162,7 +164,7 @@ def prepare(config: RunConfig, *, progress: bool = True) -> Prepared:
     unknown = [m for m in config.measures if m not in measures_lib.REGISTRY]
     if unknown:
         raise UnknownNameError(f"unknown measure(s) {unknown}; choose from {measure_names()}")
-    for name in ("n", "probes", "sketch_dim", "batch_size"):
+    for name in ("n", "probes", "sketch_dim", "batch_size", "vinfo_steps"):
         if getattr(config, name) < 1:
             raise InputError(f"{name} must be >= 1, got {getattr(config, name)}")
     if config.permutations < 1:
@@ -335,7 +337,8 @@ def _run(config: RunConfig, out: str, resume: bool, progress: bool, on_measure, 
 def measure_options(config: RunConfig) -> dict:
     """The run-level settings every measure may read."""
     return {"seed": config.seed, "chunk_size": config.chunk_size, "probes": config.probes,
-            "permutations": config.permutations, "sketch_dim": config.sketch_dim}
+            "permutations": config.permutations, "sketch_dim": config.sketch_dim,
+            "vinfo_steps": config.vinfo_steps, "vinfo_folds": config.vinfo_folds}
 
 
 def _shown(key: str, layer_entry: dict) -> Any:
