@@ -76,9 +76,9 @@ def map_chunks(fn: Callable, arrays: Sequence[np.ndarray], chunk_size: int, *, d
             batch.append(sharding.shard_rows(part, mesh))
         result = fn(*extra, *batch)
         if start == 0 and stop == n:  # one chunk: hand over the device buffers without a copy
-            return {key: np.asarray(value)[:n] for key, value in result.items()}
+            return {key: sharding.to_host(value)[:n] for key, value in result.items()}
         for key, value in result.items():
-            value = np.asarray(value)
+            value = sharding.to_host(value)
             if key not in out:
                 out[key] = np.empty((n, *value.shape[1:]), value.dtype)
             out[key][start:stop] = value[: stop - start]

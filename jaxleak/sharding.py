@@ -87,3 +87,12 @@ def replicate(tree, mesh: Mesh | None):
     if mesh is None:
         return tree
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def to_host(value) -> np.ndarray:
+    """A NumPy copy of a (possibly multi-process) array; every process gets the whole array."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(value)
