@@ -171,3 +171,16 @@ def test_resume_with_other_options_is_refused(small_run, tmp_path, capsys):
 def test_run_config_validation():
     with pytest.raises(Exception, match="integer"):
         run_lib.validate_options({"n": "many"})
+
+
+def test_persistent_compile_cache(tmp_path):
+    import subprocess
+    import sys
+
+    cache = tmp_path / "xla-cache"
+    cmd = [sys.executable, "-m", "jaxleak", "run", "--compile-cache", str(cache), "--model", "mlp",
+           "--epochs", "0", "--n", "8", "--measures", "grad_norm", "--no-progress"]
+    proc = subprocess.run(cmd + ["--out", str(tmp_path / "a")], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert cache.is_dir() and any(cache.iterdir()), "compiled programs were not written to the cache"
