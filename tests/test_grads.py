@@ -64,7 +64,10 @@ def assert_layers_close(got, want, rtol=1e-5):
 
 def zoo_task(name: str, shape=(8, 8, 3), num_classes=10, seed=0) -> Task:
     module = models.get(name, num_classes, shape)
-    variables = jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, *shape), jnp.float32))
+    # Initialisation compiled without LLVM optimisations: several times faster to
+    # compile for the deep models, and the parameters are only test values.
+    args = (jax.random.key(seed), jnp.zeros((1, *shape), jnp.float32))
+    variables = quick_jit(module.init, *args)(*args)
     return Task.from_linen(module, variables, input_shape=shape, name=name)
 
 
