@@ -169,9 +169,9 @@ def validate(config: StudyConfig) -> None:
         values = getattr(config, name)
         if not values or any(not isinstance(v, int) or isinstance(v, bool) for v in values):
             raise InputError(f"{name} must be a non-empty list of integers, got {list(values)!r}")
-    if any(b < 1 or b > config.n for b in config.batch_sizes):
+    if config.study == "aggregation" and any(b < 1 or b > config.n for b in config.batch_sizes):
         raise InputError(f"batch sizes must be in [1, n={config.n}], got {list(config.batch_sizes)}")
-    if config.update_batch_size > config.n:
+    if config.study in ("defenses", "training") and config.update_batch_size > config.n:
         raise InputError(f"update_batch_size must be <= n={config.n}, got {config.update_batch_size}")
     if any(k < 1 for k in config.local_steps):
         raise InputError(f"local steps must be >= 1, got {list(config.local_steps)}")
@@ -860,6 +860,8 @@ def summary_lines(mono: dict) -> list[str]:
             parts = ", ".join(f"{k}: rho={_f(t['rho_max'])}" for k, t in res["vs_batch_size"].items())
             lines.append(f"{m}: falls with B: {res['falls_with_batch_size']} ({parts}); "
                          f"falls with K: {res['falls_with_local_steps']}")
+        for kind, t in res.get("vs_strength", {}).items():
+            lines.append(f"{m}: rho(strength of {kind}, max over layers) = {_f(t['rho_max'])}")
         if "vs_no_defense" in res:
             below = [k for k, v in res["vs_no_defense"].items() if v and v["lower_than_none"]]
             above = [k for k, v in res["vs_no_defense"].items() if v and not v["lower_than_none"]]
