@@ -17,7 +17,10 @@ For each configuration and method, one process, interleaved repetitions
 gradients of every parameter:
 
 - ``jaxleak``: ``jaxleak.layer_grads(task, x, y)`` -> {layer: np (B, P_l)}
-  on the host (the public API, host copy included);
+  on the host (the public API with its default chunking, host copy
+  included);
+- ``jaxleak_one_chunk``: the same with ``chunk_size=B`` (the whole batch in
+  one compiled call; shows what the default chunking gains);
 - ``jaxleak_vmap``: the plain jitted vmap(grad) reference (what
   ``layer_grads`` did before the fast path), device arrays;
 - ``torch_func``: ``torch.func.vmap(grad(loss of one example))``;
@@ -215,6 +218,9 @@ def build_methods(config: str, seed: int = 0):
     gsm = GradSampleModule(torch_model(config), loss_reduction="sum")
 
     def run_jaxleak():
+        return jaxleak.layer_grads(task, x, y)
+
+    def run_jaxleak_one_chunk():
         return jaxleak.layer_grads(task, x, y, chunk_size=batch)
 
     def run_plain():
@@ -232,8 +238,8 @@ def build_methods(config: str, seed: int = 0):
         loss.backward()
         return [p.grad_sample for p in gsm.parameters()]
 
-    methods = {"jaxleak": run_jaxleak, "jaxleak_vmap": run_plain, "torch_func": run_torch_func,
-               "opacus": run_opacus}
+    methods = {"jaxleak": run_jaxleak, "jaxleak_one_chunk": run_jaxleak_one_chunk, "jaxleak_vmap": run_plain,
+               "torch_func": run_torch_func, "opacus": run_opacus}
     n_params = {"jax": task.num_params, "torch": int(sum(p.numel() for p in tmodel.parameters()))}
     return methods, model_flops(task, xj), batch, n_params
 
@@ -276,12 +282,14 @@ def bench_config(config: str, reps: int) -> dict:
         fn()
         fn()
     times = {name: [] for name in methods}
+    loads = []
     for _ in range(reps):
         for name, fn in methods.items():
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
-    res = {"batch": batch, "params": n_params, "gflop_per_batch": flops / 1e9, "model": CONFIGS[config]["model"],
+        loads.append(os.getloadavg()[0])
+    res = {"batch": batch, "load_average_1min_after_each_rep": loads, "params": n_params, "gflop_per_batch": flops / 1e9, "model": CONFIGS[config]["model"],
            "input_shape": CONFIGS[config]["input_shape"], "methods": {}}
     for name, ts in times.items():
         med = statistics.median(ts)

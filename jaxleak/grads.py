@@ -25,14 +25,22 @@ from jaxleak.task import Layer, Task
 # second call with the same shapes does not retrace.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
-# Per-example gradient floats kept live per chunk by the default chunk size.
+# Per-example gradient floats kept live per chunk (the bound other modules use).
 _CHUNK_FLOATS = 2 ** 25
+
+# Per-example gradient floats returned per chunk by layer_grads' default chunk
+# size. Smaller than _CHUNK_FLOATS on purpose: XLA's CPU runtime allocates
+# every call's output afresh, and a buffer of more than a few tens of MiB
+# comes from new pages that are faulted in one 4 KiB page at a time (for
+# LeNet at B = 256 that cost more than the arithmetic); chunks of a few MiB
+# reuse memory and stay cache-resident until they are copied to the host.
+_OUTPUT_CHUNK_FLOATS = 2 ** 22
 
 
 def default_chunk_size(task: Task, layers: Sequence[Layer], n: int, cap: int = 256) -> int:
-    """Examples per chunk: keeps chunk x sum(P_l) near 2^25 floats (128 MiB)."""
+    """Examples per chunk: keeps chunk x sum(P_l) near 2^22 floats (16 MiB), at most ``cap``."""
     size = max(1, sum(layer.size for layer in layers))
-    return int(max(1, min(n, cap, _CHUNK_FLOATS // size)))
+    return int(max(1, min(n, cap, _OUTPUT_CHUNK_FLOATS // size)))
 
 
 def _check_chunk(chunk_size, n: int) -> int:
@@ -583,7 +591,8 @@ def layer_grads(task: Task, x, y, *, chunk_size: int | None = None, layers: Sequ
     :func:`per_example_grad_fn` (``method='auto'``: one batched backward pass
     plus per-module outer products; ``'vmap'``: vmap(grad)), ``chunk_size``
     examples at a time (default: a size that keeps one chunk's gradients near
-    128 MiB); results are gathered on the host as float32.
+    16 MiB, see :func:`default_chunk_size`); results are gathered on the host
+    as float32.
     """
     x, y = task.check_inputs(x, y)
     sel = task.select(layers)
