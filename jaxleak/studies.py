@@ -759,8 +759,11 @@ def _rho(a: Sequence[float], b: Sequence[float]) -> float | None:
     import scipy.stats
 
     pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None and math.isfinite(y)]
-    if len(pairs) < 3 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
+    if len(pairs) < 2 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
         return None
+    if len(pairs) == 2:  # two settings: rho is the sign of the change
+        (x0, y0), (x1, y1) = pairs
+        return float(np.sign(x1 - x0) * np.sign(y1 - y0))
     return float(scipy.stats.spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
 
 
@@ -791,7 +794,7 @@ def monotonicity(study: str, entries: list[dict], measures: dict, measure_names:
     aggregation: for each K, Spearman rho between B and each layer's headline
     value and the largest headline over layers (``falls``: rho < 0); and for
     each B, rho between K and the values. defenses: for each defence kind
-    swept over >= 3 strengths, rho between strength (larger = stronger) and
+    swept over >= 2 strengths, rho between strength (larger = stronger) and
     the values; and for every defended setting whether its largest headline
     is below the undefended one. training: rho between epochs and values.
     Sensitivity under noise (Fisher form) is not compared with settings
@@ -811,7 +814,7 @@ def monotonicity(study: str, entries: list[dict], measures: dict, measure_names:
             by_k = {}
             for b in bs:
                 sel = sorted((e for e in entries if e["batch_size"] == b), key=lambda e: e["local_steps"])
-                if len(sel) >= 3:
+                if len(sel) >= 2:
                     by_k[f"B={b}"] = _trend([e["local_steps"] for e in sel], [e["key"] for e in sel], measures, m)
             falls = [t["falls"] for t in by_b.values() if t["falls"] is not None]
             res = {"vs_batch_size": by_b, "vs_local_steps": by_k,
@@ -828,7 +831,7 @@ def monotonicity(study: str, entries: list[dict], measures: dict, measure_names:
             res["vs_strength"] = {}
             for name, items in kinds.items():
                 items.sort()
-                if len(items) >= 3:
+                if len(items) >= 2:
                     res["vs_strength"][name] = _trend([s for s, _ in items], [k for _, k in items], measures, m)
             base = next((e["key"] for e in entries if e["params"]["defense"]["name"] == "none"), None)
             if base is not None:
