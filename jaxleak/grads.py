@@ -364,9 +364,17 @@ def _module_grads(call: _Call, leaves: list, a: jax.Array, delta: jax.Array) -> 
 
 
 def _outer(a2: jax.Array, d2: jax.Array) -> jax.Array:
-    """sum_m a2[b, m, :] outer d2[b, m, :]: (B, M, I), (B, M, O) -> (B, I, O)."""
+    """sum_m a2[b, m, :] outer d2[b, m, :]: (B, M, I), (B, M, O) -> (B, I, O).
+
+    Written as a dot_general even for M = 1 (no contraction): its derivative
+    with respect to a2 or d2 is then a batched matrix-vector product, where a
+    broadcast multiply would differentiate into a strided multiply-and-reduce
+    that XLA's CPU backend runs several times slower (this matters when the
+    per-example gradients are themselves differentiated, as in inversion
+    attacks).
+    """
     if a2.shape[1] == 1:
-        return a2[:, 0, :, None] * d2[:, 0, None, :]
+        return jnp.einsum("bi,bo->bio", a2[:, 0], d2[:, 0])
     return jnp.einsum("bmi,bmo->bio", a2, d2)
 
 
@@ -459,27 +467,25 @@ def _fast_grad_fn(task: Task, layers: Sequence[Layer]) -> Callable:
     return fn
 
 
-# ---------------------------------------------------------------- fast max pooling
+# ---------------------------------------------------------------- jaxpr rewrites
 
-def _fast_pooling(fn: Callable) -> Callable:
-    """``fn`` with every non-overlapping max pooling replaced by :func:`_block_max`.
+def _rewriting(fn: Callable, rules: dict[str, Callable]) -> Callable:
+    """``fn`` traced to a jaxpr and re-evaluated equation by equation, with ``rules`` applied.
 
-    ``fn`` is traced to a jaxpr and re-evaluated equation by equation; a
-    ``reduce_window_max`` whose windows tile the input (window == stride, no
-    padding or dilation) becomes a reshape-and-max with a mask-based
-    derivative. The values are identical; only the derivative's
-    implementation changes (XLA's CPU select-and-scatter expansion is slow).
+    ``rules[primitive name](invals, params)`` returns the equation's outputs
+    (a list) or None to keep the equation as it is. Nested jit calls are
+    inlined so that their equations are rewritten too.
     """
 
     def wrapped(*args):
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-        out = _eval_jaxpr(closed.jaxpr, closed.consts, *jax.tree.leaves(args))
+        out = _eval_jaxpr(closed.jaxpr, closed.consts, rules, *jax.tree.leaves(args))
         return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 
     return wrapped
 
 
-def _eval_jaxpr(jaxpr, consts, *args) -> list:
+def _eval_jaxpr(jaxpr, consts, rules: dict[str, Callable], *args) -> list:
     env: dict = {}
 
     def read(v):
@@ -491,24 +497,86 @@ def _eval_jaxpr(jaxpr, consts, *args) -> list:
         env[v] = val
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        name = eqn.primitive.name
-        if name == "reduce_window_max" and _tiles(eqn.params, invals[0].ndim):
-            outvals = [_block_max(invals[0], tuple(eqn.params["window_dimensions"]))]
-        elif name in ("pjit", "jit", "closed_call") and "jaxpr" in eqn.params:
-            inner = eqn.params["jaxpr"]
-            if isinstance(inner, jex.core.ClosedJaxpr):
-                outvals = _eval_jaxpr(inner.jaxpr, inner.consts, *invals)
-            else:
-                outvals = _eval_jaxpr(inner, (), *invals)
-        else:
-            params = eqn.primitive.get_bind_params(eqn.params)
-            with eqn.ctx.manager:
-                ans = eqn.primitive.bind(*invals, **params)
-            outvals = ans if eqn.primitive.multiple_results else [ans]
+        rule = rules.get(eqn.primitive.name)
+        outvals = rule(invals, eqn.params) if rule is not None else None
+        if outvals is None:
+            outvals = _eval_eqn(eqn, invals, rules)
         for v, val in zip(eqn.outvars, outvals):
             if not isinstance(v, jex.core.DropVar):
                 env[v] = val
     return [read(v) for v in jaxpr.outvars]
+
+
+def _eval_eqn(eqn, invals: list, rules: dict[str, Callable]) -> list:
+    if eqn.primitive.name in ("pjit", "jit", "closed_call") and "jaxpr" in eqn.params:
+        inner = eqn.params["jaxpr"]
+        if isinstance(inner, jex.core.ClosedJaxpr):
+            return _eval_jaxpr(inner.jaxpr, inner.consts, rules, *invals)
+        return _eval_jaxpr(inner, (), rules, *invals)
+    params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+        ans = eqn.primitive.bind(*invals, **params)
+    return ans if eqn.primitive.multiple_results else [ans]
+
+
+def _fast_pooling(fn: Callable) -> Callable:
+    """``fn`` with every non-overlapping max pooling replaced by :func:`_block_max`.
+
+    A ``reduce_window_max`` whose windows tile the input (window == stride,
+    no padding or dilation) becomes a reshape-and-max with a mask-based
+    derivative. The values are identical; only the derivative's
+    implementation changes (XLA's CPU select-and-scatter expansion is slow).
+    """
+
+    def pool(invals, params):
+        if not _tiles(params, invals[0].ndim):
+            return None
+        return [_block_max(invals[0], tuple(params["window_dimensions"]))]
+
+    return _rewriting(fn, {"reduce_window_max": pool})
+
+
+def canonical_convs(fn: Callable) -> Callable:
+    """``fn`` with every convolution in the layout XLA's CPU backend computes fast.
+
+    XLA's CPU backend runs a convolution through its optimised (Eigen)
+    kernels only in the layout input (batch, spatial..., feature), kernel
+    (spatial..., in, out), output (batch, spatial..., feature), and it
+    converts other layouts by transposes only in the outermost computation:
+    inside a ``lax.scan`` or ``while`` body a convolution in another layout
+    falls back to a naive loop, often 10-20x slower. Reverse-mode
+    differentiation produces exactly such convolutions (the input gradient
+    of a convolution uses the kernel with in and out swapped), so a jitted
+    optimisation loop through a CNN (gradient inversion attacks) pays this on
+    every step. The wrapper transposes the operands explicitly; the values
+    are the same convolution. Apply it to the function that is evaluated,
+    after all differentiation (it defines no derivative of its own beyond
+    that of the primitives it emits).
+    """
+    return _rewriting(fn, {"conv_general_dilated": _canonical_conv})
+
+
+def _canonical_conv(invals, params):
+    lhs, rhs = invals
+    dn = params["dimension_numbers"]
+    n = lhs.ndim
+    canon = jax.lax.ConvDimensionNumbers(lhs_spec=(0, n - 1, *range(1, n - 1)),
+                                         rhs_spec=(n - 1, n - 2, *range(0, n - 2)),
+                                         out_spec=(0, n - 1, *range(1, n - 1)))
+    if (not isinstance(dn, jax.lax.ConvDimensionNumbers) or tuple(map(tuple, dn)) == tuple(map(tuple, canon))
+            or params["feature_group_count"] != 1 or params["batch_group_count"] != 1):
+        return None
+    lhs_perm = (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1])
+    rhs_perm = (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0])
+    out = jax.lax.conv_general_dilated_p.bind(
+        _transpose(lhs, lhs_perm), _transpose(rhs, rhs_perm), **dict(params, dimension_numbers=canon))
+    # out is (batch, spatial..., feature); put each axis where out_spec wants it.
+    position = {dn.out_spec[0]: 0, dn.out_spec[1]: n - 1, **{a: 1 + i for i, a in enumerate(dn.out_spec[2:])}}
+    return [_transpose(out, tuple(position[a] for a in range(n)))]
+
+
+def _transpose(a: jax.Array, perm: tuple[int, ...]) -> jax.Array:
+    return a if perm == tuple(range(a.ndim)) else jnp.transpose(a, perm)
 
 
 def _tiles(params: dict, ndim: int) -> bool:

@@ -205,6 +205,36 @@ def test_fast_path_is_differentiable_like_vmap_grad():
             assert_layers_close(fast, {k: np.asarray(a) for k, a in ref.items()})
 
 
+def test_canonical_convs_keep_values_and_give_xla_cpu_layouts_inside_loops():
+    # The input gradient of a convolution uses the kernel with in/out swapped;
+    # inside a scan XLA's CPU backend would run it as a naive loop. The rewrite
+    # transposes operands explicitly: same values, canonical layouts only.
+    # Non-canonical specs on purpose (NCHW input, OIHW kernel) to exercise
+    # every operand permutation.
+    def conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, (2, 1), [(1, 2), (0, 1)], rhs_dilation=(1, 2),
+                                            dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+    def step(x, k):
+        # second order, like a gradient-inversion step: grad_x of a function of grad_k
+        gk = jax.grad(lambda k: jnp.sum(jnp.tanh(conv(x, k)) ** 2))(k)
+        return jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, gk))))(x)
+
+    def loop(fn):
+        return lambda x, k: jax.lax.scan(lambda c, _: (c + 0.1 * fn(c, k), None), x, None, length=2)[0]
+
+    rng = np.random.default_rng(0)
+    with float64():
+        x = jnp.asarray(rng.normal(size=(2, 3, 7, 6)))
+        k = jnp.asarray(rng.normal(size=(4, 3, 3, 2)))
+        want = np.asarray(quick_jit(loop(step), x, k)(x, k))
+        fast = quick_jit(loop(grads.canonical_convs(step)), x, k)
+        np.testing.assert_allclose(np.asarray(fast(x, k)), want, rtol=1e-10, atol=1e-12 * np.max(np.abs(want)))
+        hlo = jax.jit(loop(grads.canonical_convs(step))).lower(x, k).compile().as_text()
+    labels = {line.split("dim_labels=")[1].split(",")[0] for line in hlo.splitlines() if " convolution(" in line}
+    assert labels == {"b01f_01io->b01f"}, labels
+
+
 # ---------------------------------------------------------------- layer_grads API
 
 
