@@ -9,9 +9,12 @@ Jacobian of the layer's per-example gradient with respect to the input.
 Methods:
 
 - ``hutchinson`` (default): ||J||_F^2 = E_v ||J v||^2 over Rademacher probes
-  v in R^D. J v comes from forward-over-reverse: ``jax.linearize`` of the
-  per-example gradient function in x (one primal pass), and the linear map
-  vmapped over the probes; one J v serves every layer at once.
+  v in R^D. J v comes from forward-over-reverse: ``jax.linearize`` in x (one
+  primal pass) and the linear map vmapped over the probes; one jvp serves
+  every layer at once. For Linen Dense/Conv layers the linearised function
+  is (layer inputs, back-propagated errors), from which ||J_l v||^2 follows
+  without forming per-example weight gradients; other layers linearise the
+  per-example gradient itself.
 - ``exact``: the full Jacobian by ``jax.jacfwd`` (D jvps per example); a
   reference for small models.
 - ``ones``: GradDefense's surrogate ||J_l^T 1|| (one vjp per layer with an
@@ -34,6 +37,7 @@ import numpy as np
 from jaxleak import grads as _grads
 from jaxleak.errors import InputError
 from jaxleak.scores import LayerScores, Score
+from jaxleak import subspace as _subspace
 from jaxleak.task import Layer, Task
 
 METHODS = ("hutchinson", "exact", "ones")
@@ -84,6 +88,85 @@ def _hutchinson_fn(task: Task, layers: Sequence[Layer], probes: int) -> Callable
     return fn
 
 
+def _gram_frob2(a: jax.Array, e: jax.Array) -> jax.Array:
+    """||A^T E||_F^2 per example for A (B, T, a), E (B, T, d), by the cheaper route:
+    sum_st (A A^T)_st (E E^T)_st, or forming A^T E."""
+    t, na, nd = a.shape[-2], a.shape[-1], e.shape[-1]
+    if t * (na + nd) <= na * nd:
+        return jnp.sum(jnp.einsum("bsa,bta->bst", a, a) * jnp.einsum("bsd,btd->bst", e, e), axis=(1, 2))
+    return _sq(jnp.einsum("bta,btd->bad", a, e), 1)
+
+
+def _jv_frob2(a, e, da, de) -> jax.Array:
+    """||dA^T E + A^T dE||_F^2 (B, K) for A (B, T, a), E (B, T, d) and tangents dA (K, B, T, a), dE (K, B, T, d).
+
+    Dense layers (T = 1) expand into dot products; otherwise the smaller of
+    the T x T Gram route and forming the a x d matrix, with the probe axis
+    kept inside the matrix products (batched over examples only).
+    """
+    t, na, nd = a.shape[-2], a.shape[-1], e.shape[-1]
+    if t == 1:
+        a, e, da, de = a[:, 0], e[:, 0], da[:, :, 0], de[:, :, 0]
+        aa, ee = jnp.sum(a * a, -1), jnp.sum(e * e, -1)
+        return (jnp.sum(da * da, -1) * ee + aa * jnp.sum(de * de, -1)
+                + 2 * jnp.sum(da * a, -1) * jnp.sum(de * e, -1)).T
+    if 2 * t * (na + nd) <= na * nd:
+        gaa, gee = jnp.einsum("bsa,bta->bst", a, a), jnp.einsum("bsd,btd->bst", e, e)
+        g11 = jnp.einsum("kbsa,kbta->kbst", da, da) * gee
+        g22 = gaa * jnp.einsum("kbsd,kbtd->kbst", de, de)
+        g12 = jnp.einsum("kbsa,bta->kbst", da, a) * jnp.einsum("bsd,kbtd->kbst", e, de)
+        return jnp.sum(g11 + g22 + 2 * g12, axis=(2, 3)).T
+    jv = jnp.einsum("kbta,btd->bkad", da, e) + jnp.einsum("bta,kbtd->bkad", a, de)
+    return _sq(jv, 2)
+
+
+def _factored_hutchinson_fn(task: Task, layers: Sequence[Layer], probes: int) -> Callable | None:
+    """Hutchinson through activations and errors for Linen Dense/Conv layers.
+
+    The per-example gradient of such a layer is g = A^T Delta (A: input rows
+    per output position, Delta: back-propagated errors), so
+
+        J v = dA^T Delta + A^T dDelta,
+
+    where (dA, dDelta) is the jvp of (A, Delta) along v (see :func:`_jv_frob2`
+    for ||J v||^2); no per-example weight gradient (or its tangent) is formed. Other layers use the
+    per-example gradient's jvp. None when no layer can take this route.
+    """
+    linears = _subspace.find_linears(task)
+    plans = {layer.name: _subspace.linear_plan(task, layer, linears) for layer in layers}
+    fast = [plan for plan in plans.values() if plan is not None]
+    if not fast:
+        return None
+    rest = [layer for layer in layers if plans[layer.name] is None]
+    capture = _subspace.activations_and_errors_fn(task, list({p.linear.path: p.linear for p in fast}.values()))
+    rest_grads = _grads.per_example_grad_fn(task, rest) if rest else None
+
+    def fn(params, key, x, y, index):
+        def primal(xx):
+            inputs, errors = capture(params, xx, y)
+            return inputs, errors, (rest_grads(params, xx, y) if rest else {})
+
+        (inputs, errors, g), jvp = jax.linearize(primal, x)
+        v = rademacher_probes(key, index, probes, x.shape[1:], x.dtype)
+        d_inputs, d_errors, d_g = jax.vmap(jvp)(v)
+        b = x.shape[0]
+        out = {}
+        for plan in fast:
+            path, name = plan.linear.path, plan.layer.name
+            a = _subspace.input_rows(plan, inputs[path])                                            # (B, T, a)
+            da = jax.vmap(lambda t: _subspace.input_rows(plan, t, 0.0))(d_inputs[path])             # (K, B, T, a)
+            e = errors[path].reshape(b, plan.positions, -1)                          # (B, T, d)
+            de = d_errors[path].reshape(probes, b, plan.positions, -1)               # (K, B, T, d)
+            out[f"sq/{name}"] = _jv_frob2(a, e, da, de)
+            out[f"g2/{name}"] = _gram_frob2(a, e)
+        for name in g:
+            out[f"sq/{name}"] = _sq(d_g[name], 2).T
+            out[f"g2/{name}"] = _sq(g[name], 1)
+        return out
+
+    return fn
+
+
 def _exact_fn(task: Task, layers: Sequence[Layer]) -> Callable:
     jac = layer_jacobians_fn(task, layers)
     grads = _grads.per_example_grad_fn(task, layers)
@@ -125,7 +208,7 @@ def _compiled(task: Task, method: str, layers: Sequence[Layer], probes: int) -> 
 
     def build():
         if method == "hutchinson":
-            inner = _hutchinson_fn(task, layers, probes)
+            inner = _factored_hutchinson_fn(task, layers, probes) or _hutchinson_fn(task, layers, probes)
         elif method == "exact":
             inner = _exact_fn(task, layers)
         else:

@@ -49,8 +49,8 @@ from jaxleak.errors import InputError
 from jaxleak.scores import LayerScores, Score
 from jaxleak.task import Layer, Task
 
-# Host floats of per-example features kept at once while forming Grams (1 GiB).
-_HOST_FLOATS = 2 ** 28
+# Host floats of per-example features kept at once while forming Grams (512 MiB).
+_HOST_FLOATS = 2 ** 27
 # Count-sketch width for layers with neither factored Grams nor room for their gradients.
 _SKETCH_DIM = 4096
 # Eigenvalues below this fraction of the largest are treated as zero (Grams are float32).
@@ -236,7 +236,7 @@ def _conv_config(module):
     return (ks, bc(module.strides), padding, bc(module.input_dilation), bc(module.kernel_dilation))
 
 
-def _find_linears(task: Task) -> dict[str, _Linear]:
+def find_linears(task: Task) -> dict[str, _Linear]:
     """Linen Dense/Conv modules called exactly once by ``task.apply_fn``, by module path."""
 
     def build():
@@ -288,7 +288,7 @@ class _Plan:
     d_dim: int = 0                 # |delta| (output channels)
 
 
-def _linear_plan(task: Task, layer: Layer, linears: dict[str, _Linear]) -> _Plan | None:
+def linear_plan(task: Task, layer: Layer, linears: dict[str, _Linear]) -> _Plan | None:
     parents = {p.rsplit("/", 1)[0] if "/" in p else "" for p in layer.paths}
     leaves = {p.rsplit("/", 1)[-1] for p in layer.paths}
     if len(parents) != 1 or not leaves <= {"kernel", "bias"}:
@@ -316,8 +316,11 @@ def _linear_plan(task: Task, layer: Layer, linears: dict[str, _Linear]) -> _Plan
     return _Plan(layer, "activations/errors", lin, "kernel" in leaves, "bias" in leaves, route, t, a_dim, d)
 
 
-def _rows(plan: _Plan, inputs: jax.Array) -> jax.Array:
-    """Input rows a_t of each example (B, T, |a|), with a constant 1 column for the bias."""
+def input_rows(plan: _Plan, inputs: jax.Array, constant: float = 1.0) -> jax.Array:
+    """Input rows a_t of each example (B, T, |a|), with a ``constant`` column for the bias.
+
+    The rows are linear in ``inputs``, so the rows of a tangent are ``input_rows(plan, tangent, 0.0)``.
+    """
     b = inputs.shape[0]
     parts = []
     if plan.kernel:
@@ -333,8 +336,43 @@ def _rows(plan: _Plan, inputs: jax.Array) -> jax.Array:
                 dimension_numbers=(spec, f"{spatial}IO", spec))
             parts.append(patches.reshape(b, plan.positions, -1))
     if plan.bias:
-        parts.append(jnp.ones((b, plan.positions, 1), inputs.dtype))
+        parts.append(jnp.full((b, plan.positions, 1), constant, inputs.dtype))
     return jnp.concatenate(parts, axis=-1)
+
+
+def activations_and_errors_fn(task: Task, linears: Sequence[_Linear]) -> Callable:
+    """Pure ``(params, x (B, ...), y (B,)) -> (inputs, errors)``, dicts keyed by module path.
+
+    ``inputs[p]`` is what module p received, ``errors[p]`` = d(sum_i loss_i)/d(output of p),
+    which is each example's own back-propagated error because examples do not
+    interact. Differentiable in x.
+    """
+    from flax import linen as nn
+
+    by_path = {lin.path: lin for lin in linears}
+
+    def run(params, x, y, eps):
+        inputs = {}
+
+        def intercept(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if context.method_name == "__call__":
+                path = _module_path(context.module)
+                if path in eps:
+                    inputs[path] = args[0]
+                    out = out + eps[path]
+            return out
+
+        with nn.intercept_methods(intercept):
+            logits = task.apply_fn(params, x)
+        return jnp.sum(task.loss_fn(logits, y)), inputs
+
+    def fn(params, x, y):
+        eps = {p: jnp.zeros((x.shape[0], *lin.out_shape), x.dtype) for p, lin in by_path.items()}
+        errors, inputs = jax.grad(run, argnums=3, has_aux=True)(params, x, y, eps)
+        return inputs, errors
+
+    return fn
 
 
 def _features_fn(task: Task, items: Sequence[tuple[_Plan, int, int]]) -> Callable:
@@ -344,37 +382,17 @@ def _features_fn(task: Task, items: Sequence[tuple[_Plan, int, int]]) -> Callabl
     ``outer`` gives (B, |a| (hi - lo)) = a ⊗ delta summed over positions;
     ``factored`` gives rows (B, T, |a|) and errors (B, T, |delta|).
     """
-    from flax import linen as nn
-
-    paths = sorted({plan.linear.path for plan, _, _ in items})
     key = ("subspace_features", tuple((plan.layer.name, lo, hi) for plan, lo, hi in items))
 
     def build():
-        def run(params, x, y, eps):
-            inputs = {}
-
-            def intercept(next_fun, args, kwargs, context):
-                out = next_fun(*args, **kwargs)
-                if context.method_name == "__call__":
-                    path = _module_path(context.module)
-                    if path in eps:
-                        inputs[path] = args[0]
-                        out = out + eps[path]
-                return out
-
-            with nn.intercept_methods(intercept):
-                logits = task.apply_fn(params, x)
-            return jnp.sum(task.loss_fn(logits, y)), inputs
+        capture = activations_and_errors_fn(task, list({plan.linear.path: plan.linear for plan, _, _ in items}.values()))
 
         def traced(params, x, y):
             _grads.TRACE_COUNTS[key] += 1
-            lin = {plan.linear.path: plan.linear for plan, _, _ in items}
-            eps = {p: jnp.zeros((x.shape[0], *lin[p].out_shape), x.dtype) for p in paths}
-            # Examples do not interact, so d(sum of losses)/d(output) is each example's own error.
-            deltas, inputs = jax.grad(run, argnums=3, has_aux=True)(params, x, y, eps)
+            inputs, deltas = capture(params, x, y)
             out = {}
             for plan, lo, hi in items:
-                a = _rows(plan, inputs[plan.linear.path])
+                a = input_rows(plan, inputs[plan.linear.path])
                 d = deltas[plan.linear.path].reshape(x.shape[0], plan.positions, -1)[..., lo:hi]
                 name = plan.layer.name
                 if plan.route == "factored":
@@ -406,28 +424,42 @@ def _gram_np(f: np.ndarray) -> np.ndarray:
 
 
 def _passes(plans: Sequence[_Plan], n: int) -> list[list[tuple[_Plan, int, int]]]:
-    """Group (layer, channel block) items so that one pass keeps at most _HOST_FLOATS on the host."""
-    items, sizes = [], []
+    """Group (layer, channel block) items into passes that keep at most _HOST_FLOATS on the host.
+
+    Factored layers go whole; outer-product layers are cut into blocks of
+    output channels that fill each pass up to the budget, so the number of
+    passes (each a forward and backward over all examples) stays near the
+    total size over the budget.
+    """
+    passes, current, used = [], [], 0
+
+    def flush():
+        nonlocal current, used
+        if current:
+            passes.append(current)
+        current, used = [], 0
+
     for plan in plans:
         if plan.route == "factored":
-            items.append((plan, 0, plan.d_dim))
-            sizes.append(n * plan.positions * (plan.a_dim + plan.d_dim))
+            size = n * plan.positions * (plan.a_dim + plan.d_dim)
+            if current and used + size > _HOST_FLOATS:
+                flush()
+            current.append((plan, 0, plan.d_dim))
+            used += size
             continue
         per_channel = n * plan.a_dim
-        width = max(1, min(plan.d_dim, _HOST_FLOATS // per_channel))
-        for lo in range(0, plan.d_dim, width):
-            hi = min(plan.d_dim, lo + width)
-            items.append((plan, lo, hi))
-            sizes.append(per_channel * (hi - lo))
-    passes, current, used = [], [], 0
-    for item, size in zip(items, sizes):
-        if current and used + size > _HOST_FLOATS:
-            passes.append(current)
-            current, used = [], 0
-        current.append(item)
-        used += size
-    if current:
-        passes.append(current)
+        lo = 0
+        while lo < plan.d_dim:
+            width = min(plan.d_dim - lo, (_HOST_FLOATS - used) // per_channel)
+            if width < 1:
+                if current:
+                    flush()
+                    continue
+                width = 1  # one channel over the budget: it has to go alone
+            current.append((plan, lo, lo + width))
+            used += per_channel * width
+            lo += width
+    flush()
     return passes
 
 
@@ -436,9 +468,34 @@ def _pass_chunk(task: Task, items, n: int) -> int:
     per_example = 0
     for plan, lo, hi in items:
         per_example += plan.positions * (plan.a_dim + plan.d_dim) + plan.a_dim * (hi - lo)
-    acts = sum(int(np.prod(lin.in_shape)) + int(np.prod(lin.out_shape)) for lin in _find_linears(task).values())
+    acts = sum(int(np.prod(lin.in_shape)) + int(np.prod(lin.out_shape)) for lin in find_linears(task).values())
     per_example += 3 * acts + task.num_params // 64
     return int(max(1, min(n, 256, _grads._CHUNK_FLOATS // max(1, per_example))))
+
+
+def _fill_chunks(fn: Callable, params, x: np.ndarray, y: np.ndarray, chunk: int,
+                 progress: bool) -> dict[str, np.ndarray]:
+    """Like :func:`grads.map_chunks`, but writes each chunk into preallocated host arrays,
+    so a pass never holds its features twice (the budget is the features themselves)."""
+    n = x.shape[0]
+    out: dict[str, np.ndarray] = {}
+    starts = range(0, n, chunk)
+    if progress and len(starts) > 1:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="activations and errors", unit="chunk", leave=False)
+    for start in starts:
+        stop = min(start + chunk, n)
+        xb, yb = x[start:stop], y[start:stop]
+        if stop - start < chunk:
+            pad = chunk - (stop - start)
+            xb = np.concatenate([xb, np.repeat(xb[:1], pad, axis=0)])
+            yb = np.concatenate([yb, np.repeat(yb[:1], pad, axis=0)])
+        for key, value in fn(params, xb, yb).items():
+            if key not in out:
+                out[key] = np.empty((n, *value.shape[1:]), np.float32)
+            out[key][start:stop] = np.asarray(value)[: stop - start]
+    return out
 
 
 def layer_grams(task: Task, x, y, *, layers: Sequence[str] | None = None, chunk_size: int | None = None,
@@ -453,10 +510,10 @@ def layer_grams(task: Task, x, y, *, layers: Sequence[str] | None = None, chunk_
     x, y = task.check_inputs(x, y)
     n = x.shape[0]
     sel = task.select(layers)
-    linears = _find_linears(task)
+    linears = find_linears(task)
     plans = []
     for layer in sel:
-        plan = _linear_plan(task, layer, linears)
+        plan = linear_plan(task, layer, linears)
         if plan is None:
             plan = _Plan(layer, "exact" if n * layer.size <= _HOST_FLOATS else "sketch")
         plans.append(plan)
@@ -465,8 +522,7 @@ def layer_grams(task: Task, x, y, *, layers: Sequence[str] | None = None, chunk_
     for items in _passes(linear_plans, n):
         fn = _features_fn(task, items)
         chunk = _grads._check_chunk(chunk_size, n) if chunk_size else _pass_chunk(task, items, n)
-        feats = _grads.map_chunks(fn, [x, y], chunk, desc="activations and errors", progress=progress,
-                                  extra=(task.params,))
+        feats = _fill_chunks(fn, task.params, x, y, chunk, progress)
         _grads.check_finite(feats, "activation or error")
         for plan, lo, _ in items:
             name = plan.layer.name

@@ -1,0 +1,66 @@
+"""Tests of jaxleak.scores.LayerScores, the result type of every measure."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from jaxleak.scores import LayerScores, Score
+
+
+def _scores():
+    return LayerScores(
+        "sensitivity",
+        {
+            "Conv_0": Score(2.0, (1.5, 2.5), {"raw": np.float32(0.5), "raw_ci": (0.4, 0.6)}),
+            "Conv_1": Score(np.float64(3.0), None, {"k": np.int64(4)}),
+            "Dense_0": Score(-1.0, None, {"arr": np.arange(3)}),
+            "Dense_1": Score(float("nan"), None, {}),
+        },
+        unit="dimensionless",
+        meta={"method": "hutchinson", "probes": 16},
+    )
+
+
+def test_mapping_order_and_access():
+    s = _scores()
+    assert list(s) == ["Conv_0", "Conv_1", "Dense_0", "Dense_1"] and len(s) == 4
+    assert s["Conv_0"]["value"] == 2.0 and s["Conv_0"]["ci"] == (1.5, 2.5)
+    assert s["Conv_0"]["raw"] == pytest.approx(0.5)
+    with pytest.raises(KeyError):
+        s["Conv_0"]["missing"]
+
+
+def test_top_shares_ranks():
+    s = _scores()
+    assert s.top() == "Conv_1"
+    shares = s.shares()
+    assert shares["Conv_0"] == pytest.approx(0.4) and shares["Conv_1"] == pytest.approx(0.6)
+    assert shares["Dense_0"] == 0.0 and shares["Dense_1"] == 0.0  # negative and NaN count as 0
+    assert s.ranks() == {"Conv_1": 1, "Conv_0": 2, "Dense_0": 3, "Dense_1": 4}
+    tie = LayerScores("m", {"a": Score(1.0), "b": Score(1.0)})
+    assert tie.top() == "a"  # first in forward order on ties
+    with pytest.raises(ValueError):
+        LayerScores("m", {}).top()
+
+
+def test_to_dict_is_plain_json_and_round_trips():
+    s = _scores()
+    d = s.to_dict()
+    text = json.dumps(d, allow_nan=False)  # NaN must have become null
+    assert json.loads(text) == d
+    assert d["top"] == "Conv_1" and d["unit"] == "dimensionless" and d["meta"]["probes"] == 16
+    layer = d["layers"]["Conv_0"]
+    assert layer["ci"] == [1.5, 2.5] and layer["raw_ci"] == [0.4, 0.6] and layer["rank"] == 2
+    assert isinstance(layer["raw"], float) and d["layers"]["Conv_1"]["k"] == 4
+    assert d["layers"]["Dense_0"]["arr"] == [0, 1, 2]
+    assert d["layers"]["Dense_1"]["value"] is None
+    back = LayerScores.from_dict(d)
+    assert list(back) == list(s) and math.isnan(back["Dense_1"].value)
+    assert back.to_dict() == d
+
+
+def test_all_zero_shares():
+    s = LayerScores("m", {"a": Score(0.0), "b": Score(-2.0)})
+    assert s.shares() == {"a": 0.0, "b": 0.0}
