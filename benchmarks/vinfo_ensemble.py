@@ -172,7 +172,11 @@ def main():
             "sklearn_selected_per_layer": sk_sel.tolist(),
             "selected_difference_max_abs": float(np.max(np.abs(ens_sel - sk_sel))),
             "selected_difference_mean": float(np.mean(ens_sel - sk_sel)),
-            "per_member_difference_max_abs": float(np.max(np.abs(ens_test - sk_test))),
+            # None when some scikit-learn fit gave a held-out label probability 0 (infinite NLL);
+            # strict JSON has no Infinity.
+            "per_member_difference_max_abs": (float(np.max(np.abs(ens_test - sk_test)))
+                                              if np.all(np.isfinite(sk_test)) else None),
+            "sklearn_members_with_infinite_nll": int(np.sum(~np.isfinite(sk_test))),
             "per_member_difference_median_abs": float(np.median(np.abs(ens_test - sk_test))),
             "loop_equals_ensemble_max_abs": float(np.max(np.abs(loop_test - ens_test))),
             "sklearn_lbfgs_iterations_median": float(np.median(sk_iters)),
@@ -180,7 +184,7 @@ def main():
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2)
+        json.dump(result, fh, indent=2, allow_nan=False)
     print(json.dumps({"seconds": med, "ratios": result["ratios"], "heldout_nll_bits": result["heldout_nll_bits"]},
                      indent=2))
 
