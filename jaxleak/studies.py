@@ -898,7 +898,7 @@ def format_table(results: dict) -> str:
                 v = headline(m, results["measures"][k][m]["layers"].get(name, {}))
                 row.append("-" if v is None else f"{v:.3g}")
             rows.append(row)
-        if results["study"] == "defenses":
+        if results["study"] in ("defenses", "training"):
             rows.append(["accuracy"] + [f"{s['test_accuracy']:.3f}" for s in results["settings"]])
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
