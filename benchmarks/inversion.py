@@ -198,6 +198,7 @@ def case(name: str, model: str, activation: str, size: int, steps: int, reps: in
     }
     outputs = {k: f() for k, (f, _, _) in runners.items()}  # warm-up (compiles)
     times = {k: [] for k in runners}
+    loads = []
     for _ in range(reps):
         for k, (f, _, _) in runners.items():
             start = time.perf_counter()
@@ -205,6 +206,7 @@ def case(name: str, model: str, activation: str, size: int, steps: int, reps: in
             if hasattr(out, "x"):
                 np.asarray(out.x)
             times[k].append(time.perf_counter() - start)
+        loads.append(os.getloadavg()[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     rate = {k: runners[k][1] * runners[k][2] / med[k] for k in med}
     best_torch = max(("torch_r1", "torch_r1_mkldnn"), key=lambda k: rate[k])
@@ -217,6 +219,7 @@ def case(name: str, model: str, activation: str, size: int, steps: int, reps: in
         "case": name, "model": model, "activation": activation, "image": list(x.shape[1:]),
         "params": task.num_params, "steps": {k: v[2] for k, v in runners.items()}, "reps": reps, "tv": tv,
         "objective_at_probe": {"jaxleak": float(j_obj), "torch": t_obj},
+        "load_average_1min_after_each_rep": loads,
         "seconds": {k: sorted(v) for k, v in times.items()},
         "median_seconds": med,
         "restart_iterations_per_s": rate,
