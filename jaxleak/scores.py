@@ -53,11 +53,17 @@ class LayerScores(Mapping):
         bound or a surrogate, ...), copied into ``to_dict()``.
     """
 
-    def __init__(self, measure: str, scores: Mapping[str, Score], *, unit: str = "", meta: Mapping | None = None):
+    def __init__(self, measure: str, scores: Mapping[str, Score], *, unit: str = "", meta: Mapping | None = None,
+                 rank_by: str = "value"):
         self.measure = measure
         self.unit = unit
         self.meta = dict(meta or {})
         self._scores = dict(scores)
+        # The field that localizes: "value" by default; the subspace distance
+        # ranks by its permutation excess, since D_l alone is not leakage.
+        self.rank_by = rank_by
+        if rank_by != "value":
+            self.meta["rank_by"] = rank_by
 
     def __getitem__(self, layer: str) -> Score:
         return self._scores[layer]
@@ -71,22 +77,26 @@ class LayerScores(Mapping):
     def values_array(self) -> list[float]:
         return [float(s.value) for s in self._scores.values()]
 
+    def headline(self, layer: str) -> float:
+        """The field that ranks layers (``rank_by``) for one layer."""
+        s = self._scores[layer]
+        return s.value if self.rank_by == "value" else s.extras.get(self.rank_by, float("nan"))
+
     def top(self) -> str:
-        """The layer with the largest value (first in forward order on ties)."""
+        """The layer with the largest ``rank_by`` field (first in forward order on ties)."""
         if not self._scores:
             raise ValueError(f"measure {self.measure!r} has no layers")
-        best = max(self._scores.items(), key=lambda kv: (_finite(kv[1].value), ))
-        return best[0]
+        return max(self._scores, key=lambda k: _finite(self.headline(k)))
 
     def shares(self) -> dict[str, float]:
-        """Each layer's share of the total, with negative values counted as 0."""
-        pos = {k: max(_finite(s.value), 0.0) for k, s in self._scores.items()}
+        """Each layer's share of the total ``rank_by`` field, with negative values counted as 0."""
+        pos = {k: max(_finite(self.headline(k)), 0.0) for k in self._scores}
         total = sum(pos.values())
         return {k: (v / total if total > 0 else 0.0) for k, v in pos.items()}
 
     def ranks(self) -> dict[str, int]:
-        """Rank of each layer, 1 = largest value."""
-        order = sorted(self._scores, key=lambda k: -_finite(self._scores[k].value))
+        """Rank of each layer, 1 = largest ``rank_by`` field."""
+        order = sorted(self._scores, key=lambda k: -_finite(self.headline(k)))
         return {k: i + 1 for i, k in enumerate(order)}
 
     def to_dict(self) -> dict:
@@ -109,7 +119,8 @@ class LayerScores(Mapping):
             ci = tuple(entry["ci"]) if entry.get("ci") is not None else None
             value = entry["value"] if entry["value"] is not None else float("nan")
             scores[name] = Score(value, ci, extras)
-        return cls(d["measure"], scores, unit=d.get("unit", ""), meta=d.get("meta"))
+        meta = dict(d.get("meta") or {})
+        return cls(d["measure"], scores, unit=d.get("unit", ""), meta=meta, rank_by=meta.get("rank_by", "value"))
 
     def __repr__(self) -> str:
         body = ", ".join(f"{k}={s.value:.4g}" for k, s in self._scores.items())

@@ -438,7 +438,7 @@ def _subspace_scores(features, z, y, permutations: int, seed: int, sketched: Map
     return LayerScores("subspace_distance", scores, unit="dimensionless", meta={
         "definition": "D_l = sqrt(mean_i sin^2 theta_i) between the update subspaces of z[victim] = 0 and 1",
         "signal": "excess = D_l - permutation null mean", "permutations": int(permutations),
-        "stratified_by_label": True, "sketched_layers": dict(sketched)})
+        "stratified_by_label": True, "sketched_layers": dict(sketched)}, rank_by="excess")
 
 
 def _vinfo_scores(features, target, config: StudyConfig, sketched: Mapping[str, int]) -> LayerScores:

@@ -649,4 +649,4 @@ def subspace_distance(task: Task, x, y, z, *, energy: float = 0.9, rank: int | N
         "signal": "excess = D_l - permutation null mean",
         "p_value": "(1 + #{null >= D_l}) / (R + 1)",
     }
-    return LayerScores("subspace_distance", scores, unit="dimensionless", meta=meta)
+    return LayerScores("subspace_distance", scores, unit="dimensionless", meta=meta, rank_by="excess")

@@ -64,3 +64,14 @@ def test_to_dict_is_plain_json_and_round_trips():
 def test_all_zero_shares():
     s = LayerScores("m", {"a": Score(0.0), "b": Score(-2.0)})
     assert s.shares() == {"a": 0.0, "b": 0.0}
+
+
+def test_rank_by_an_extra_field():
+    from jaxleak.scores import LayerScores, Score
+
+    s = LayerScores("subspace_distance", {"a": Score(0.9, None, {"excess": 0.01}),
+                                          "b": Score(0.5, None, {"excess": 0.2})}, rank_by="excess")
+    assert s.top() == "b" and s.ranks() == {"b": 1, "a": 2}
+    d = s.to_dict()
+    assert d["top"] == "b" and d["meta"]["rank_by"] == "excess"
+    assert LayerScores.from_dict(d).top() == "b"
