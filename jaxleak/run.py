@@ -167,8 +167,8 @@ def prepare(config: RunConfig, *, progress: bool = True) -> Prepared:
     for name in ("n", "probes", "sketch_dim", "batch_size", "vinfo_steps"):
         if getattr(config, name) < 1:
             raise InputError(f"{name} must be >= 1, got {getattr(config, name)}")
-    if config.permutations < 1:
-        raise InputError(f"permutations must be >= 1, got {config.permutations}")
+    if config.permutations < 2:
+        raise InputError(f"permutations must be >= 2, got {config.permutations}")
     if config.epochs < 0:
         raise InputError(f"epochs must be >= 0, got {config.epochs}")
     if not 0.0 < config.train_fraction < 1.0:

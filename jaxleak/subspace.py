@@ -623,8 +623,9 @@ def subspace_distance(task: Task, x, y, z, *, energy: float = 0.9, rank: int | N
         raise InputError(f"energy must be in (0, 1], got {energy!r}")
     if rank is not None and (not isinstance(rank, (int, np.integer)) or rank < 1):
         raise InputError(f"rank must be a positive integer, got {rank!r}")
-    if not isinstance(permutations, (int, np.integer)) or permutations < 0:
-        raise InputError(f"permutations must be an integer >= 0, got {permutations!r}")
+    if not isinstance(permutations, (int, np.integer)) or permutations < 2:
+        raise InputError(f"permutations must be an integer >= 2 (the null needs a mean and a spread), "
+                         f"got {permutations!r}")
     x, y = task.check_inputs(x, y)
     z = np.asarray(z)
     if z.shape != (x.shape[0],):

@@ -53,6 +53,9 @@ def _as_features(features: Mapping[str, object]) -> tuple[list[str], list[np.nda
             raise InputError(f"features of layer {name!r} must be (N, d), got shape {a.shape}")
         if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
             raise InputError(f"features of layer {name!r} must be real numbers, got dtype {a.dtype}")
+        if a.shape[0] == 0 or a.size == 0:
+            raise InputError(f"features of layer {name!r} are empty (shape {a.shape}); "
+                             "at least one example and one feature are needed")
         a = a.reshape(a.shape[0], -1)
         if n is None:
             n = a.shape[0]

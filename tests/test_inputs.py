@@ -104,3 +104,59 @@ def test_from_arrays_inputs(n, ny, latent_len, ydtype):
         return
     assert n == ny == latent_len >= 1
     assert ds.x.dtype == np.float32 and ds.y.dtype == np.int32
+
+
+@SETTINGS
+@given(n=st.integers(0, 6), zkind=st.sampled_from(["ok", "single", "three", "float", "short", "nan"]),
+       permutations=st.integers(-1, 4))
+def test_subspace_distance_inputs(task, n, zkind, permutations):
+    x = np.random.default_rng(n).random((n, *SHAPE))
+    y = np.arange(n) % 3
+    z = {"ok": np.arange(n) % 2, "single": np.zeros(n, int), "three": np.arange(n) % 3,
+         "float": (np.arange(n) % 2) + 0.5, "short": np.arange(max(n - 1, 0)) % 2,
+         "nan": np.where(np.arange(n) % 2, np.nan, 0.0)}[zkind]
+    try:
+        scores = jl.subspace_distance(task, x, y, z, permutations=permutations, stratify=False)
+    except jl.JaxleakError as err:
+        assert str(err)
+        return
+    assert zkind == "ok" and permutations >= 2 and n >= 2
+    for s in scores.values():
+        assert 0.0 <= s.value <= 1.0 + 1e-6 and np.isfinite(s.extras["excess"])
+
+
+@SETTINGS
+@given(n=st.integers(0, 4), probes=st.integers(-1, 3), method=st.sampled_from(["hutchinson", "exact", "ones", "nope"]),
+       poison=st.booleans())
+def test_sensitivity_inputs(task, n, probes, method, poison):
+    x = np.random.default_rng(n).random((n, *SHAPE))
+    if poison and n:
+        x[0, 0, 0, 0] = np.inf
+    try:
+        scores = jl.sensitivity(task, x, np.arange(n) % 3, method=method, probes=probes)
+    except jl.JaxleakError as err:
+        assert str(err)
+        return
+    assert n >= 1 and not poison and method != "nope"
+    for s in scores.values():
+        assert np.isfinite(s.value) and s.value >= 0
+
+
+@SETTINGS
+@given(n=st.integers(0, 30), d=st.integers(0, 3), target=st.sampled_from(["int", "single", "short", "nan", "float"]),
+       folds=st.integers(0, 3))
+def test_v_information_from_features_inputs(n, d, target, folds):
+    rng = np.random.default_rng(n)
+    feats = {"a": rng.normal(size=(n, d))}
+    t = {"int": np.arange(n) % 2, "single": np.zeros(n, int), "short": np.arange(max(n - 1, 0)) % 2,
+         "nan": np.full((n, 2), np.nan), "float": rng.normal(size=(n, 2))}[target]
+    try:
+        scores = jl.v_information_from_features(feats, t, folds=folds, steps=5, seeds=1, weight_decays=(1e-2,),
+                                                n_boot=50)
+    except jl.JaxleakError as err:
+        assert str(err)
+        return
+    assert target in ("int", "single", "float") and folds >= 2 and d >= 1
+    for s in scores.values():
+        assert np.isfinite(s.value)
+        assert s.ci is None or all(np.isfinite(c) for c in s.ci)
