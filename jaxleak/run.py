@@ -222,14 +222,15 @@ def _part_path(out: str, key: str) -> str:
     return os.path.join(out, "parts", f"{key}.json")
 
 
-def _check_resume(out: str, config: RunConfig) -> None:
+def check_resume(out: str, expected: dict, what: str = "run") -> None:
+    """Refuse to resume ``out`` unless its saved config.json equals ``expected``."""
     path = os.path.join(out, "config.json")
     if not os.path.isfile(path):
-        raise InputError(f"cannot resume {out!r}: it has no config.json (is it a jaxleak run directory?)")
+        raise InputError(f"cannot resume {out!r}: it has no config.json (is it a jaxleak {what} directory?)")
     with open(path) as f:
         saved = json.load(f)
-    if saved != config.to_dict():
-        diff = sorted(k for k in set(saved) | set(config.to_dict()) if saved.get(k) != config.to_dict().get(k))
+    if saved != expected:
+        diff = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
         raise ConfigError(f"cannot resume {out!r}: its configuration differs in {diff}; "
                           f"resume with the same options (they are in {path})")
 
@@ -253,7 +254,7 @@ def run(config: RunConfig, *, out: str | None = None, resume: bool = False, prog
     started = time.time()
     out = out or default_out_dir()
     if resume:
-        _check_resume(out, config)
+        check_resume(out, config.to_dict())
     elif os.path.exists(out) and os.listdir(out):
         raise InputError(f"output directory {out!r} exists and is not empty; choose another --out "
                          f"or continue it with --resume")

@@ -58,7 +58,8 @@ from jaxleak import data as data_lib
 from jaxleak import defenses as defenses_lib
 from jaxleak import grads as grads_lib
 from jaxleak import io
-from jaxleak.errors import ConfigError, InputError, JaxleakError, UnknownNameError
+from jaxleak.errors import InputError, JaxleakError, UnknownNameError
+from jaxleak.run import check_resume
 from jaxleak.scores import LayerScores, Score
 from jaxleak.task import Layer, Task
 
@@ -626,18 +627,6 @@ def _part(out: str, setting: str, measure: str) -> str:
     return os.path.join(out, "parts", setting, f"{measure}.json")
 
 
-def _check_resume(out: str, config: StudyConfig) -> None:
-    path = os.path.join(out, "config.json")
-    if not os.path.isfile(path):
-        raise InputError(f"cannot resume {out!r}: it has no config.json (is it a jaxleak study directory?)")
-    with open(path) as f:
-        saved = json.load(f)
-    if saved != config.to_dict():
-        diff = sorted(k for k in set(saved) | set(config.to_dict()) if saved.get(k) != config.to_dict().get(k))
-        raise ConfigError(f"cannot resume {out!r}: its configuration differs in {diff}; resume with the same "
-                          f"options (they are in {path})")
-
-
 def run_study(config: StudyConfig, *, out: str | None = None, resume: bool = False, progress: bool = True,
               on_part: Callable[[str, str], None] | None = None) -> dict:
     """Run a study and write its directory; returns results.json's content.
@@ -657,7 +646,7 @@ def run_study(config: StudyConfig, *, out: str | None = None, resume: bool = Fal
     validate(config)
     out = out or os.path.join("runs", f"study-{config.study}-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if resume:
-        _check_resume(out, config)
+        check_resume(out, config.to_dict(), "study")
     elif os.path.exists(out) and os.listdir(out):
         raise InputError(f"output directory {out!r} exists and is not empty; choose another --out "
                          f"or continue it with --resume")
