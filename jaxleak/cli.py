@@ -309,6 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"jaxleak: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `jaxleak list models | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("jaxleak: interrupted; finished results are kept (continue with --resume DIR)", file=sys.stderr)
         return 130
