@@ -413,14 +413,11 @@ def defended_client_updates(task: Task, x, y, defense: Defense | None, *, batch_
     plain updates (dropout lives in the model). ``noise_std`` is None
     without noise.
     """
-    from jaxleak.grads import ClientUpdates
+    from jaxleak.grads import ClientUpdates, check_local_sgd
 
     _check_defense(defense)
     x, y = task.check_inputs(x, y)
-    if not isinstance(local_steps, (int, np.integer)) or local_steps < 1:
-        raise InputError(f"local_steps must be a positive integer, got {local_steps!r}")
-    if not np.isfinite(lr) or lr <= 0:
-        raise InputError(f"lr must be a positive number, got {lr!r}")
+    check_local_sgd(local_steps, lr)
     sel = task.select(layers)
     batches = client_batches(x.shape[0], batch_size=batch_size, num_updates=num_updates, seed=seed)
     chunk = int(chunk_size) if chunk_size else int(max(1, min(num_updates, 64)))

@@ -815,6 +815,14 @@ def _compiled_updates(task: Task, layers: Sequence[Layer], local_steps: int, ske
     return task.cached(key, build)
 
 
+def check_local_sgd(local_steps, lr) -> None:
+    """Validate the local SGD settings of a client update (K >= 1 steps, learning rate > 0)."""
+    if not isinstance(local_steps, (int, np.integer)) or local_steps < 1:
+        raise InputError(f"local_steps must be a positive integer, got {local_steps!r}")
+    if not np.isfinite(lr) or lr <= 0:
+        raise InputError(f"lr must be a positive number, got {lr!r}")
+
+
 def client_updates(task: Task, x, y, *, batch_size: int, local_steps: int = 1, lr: float = 0.1,
                    num_updates: int, seed: int = 0, chunk_size: int | None = None,
                    layers: Sequence[str] | None = None, sketch_dim: int | None = None, sketch_seed: int = 0,
@@ -828,10 +836,7 @@ def client_updates(task: Task, x, y, *, batch_size: int, local_steps: int = 1, l
     large layers exactly like :func:`sketch_grads` with ``seed=sketch_seed``.
     """
     x, y = task.check_inputs(x, y)
-    if not isinstance(local_steps, (int, np.integer)) or local_steps < 1:
-        raise InputError(f"local_steps must be a positive integer, got {local_steps!r}")
-    if not np.isfinite(lr) or lr <= 0:
-        raise InputError(f"lr must be a positive number, got {lr!r}")
+    check_local_sgd(local_steps, lr)
     sel = task.select(layers)
     batches = client_batches(x.shape[0], batch_size=batch_size, num_updates=num_updates, seed=seed)
     per_update = max(1, sum(layer.size for layer in sel) * 3)
