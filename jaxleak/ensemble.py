@@ -188,13 +188,22 @@ class EnsembleFit(NamedTuple):
       val_gain_se: (L, F) standard error of that paired difference.
       heldout_loss: (L, N) loss of example i under the chosen member (or the
         ignorant predictor) of the fold that held it out.
-      heldout_pred: (L, N, K) that member's prediction: class probabilities,
-        or the reconstruction in the target's units.
+      heldout_pred: (L, N, K) that member's prediction: class probabilities
+        (mixed with the prior, see ``mix``), or the reconstruction in the
+        target's units, or its principal-component coefficients when the
+        target was reduced (``target_basis``; :meth:`decode` maps them back).
       null_loss: (N,) loss of the ignorant predictor of i's fold (smoothed
         class frequencies, or the training mean).
       null_pred: (N, K) its prediction.
       steps_run: optimisation steps taken (less than asked when every member
         stopped improving for ``patience`` steps).
+      mix: (L, F) classification: weight of the prior in the held-out
+        prediction ``(1 - mix) p_member + mix p_prior``, chosen on validation
+        rows from ``MIX_WEIGHTS``; 0 where the fold is scored by the prior.
+      target_basis: (F, D, r) regression with a reduced target: each fold's
+        top-r principal directions of its training targets; else None.
+      target_mean: (F, D) regression: each fold's training mean; else None.
+      fold_of: (N,) the fold that held out each example.
     """
 
     members: tuple[Member, ...]
@@ -209,6 +218,20 @@ class EnsembleFit(NamedTuple):
     null_loss: np.ndarray
     null_pred: np.ndarray
     steps_run: int
+    mix: np.ndarray | None = None
+    target_basis: np.ndarray | None = None
+    target_mean: np.ndarray | None = None
+    fold_of: np.ndarray | None = None
+
+    def decode(self, pred: np.ndarray) -> np.ndarray:
+        """(N, r) principal-component coefficients -> (N, D) reconstructions (identity when not reduced)."""
+        if self.target_basis is None:
+            return np.asarray(pred)
+        out = np.empty((pred.shape[0], self.target_basis.shape[1]), np.float64)
+        for f in range(self.target_basis.shape[0]):
+            rows = self.fold_of == f
+            out[rows] = self.target_mean[f] + np.asarray(pred[rows], np.float64) @ self.target_basis[f].T
+        return out
 
 
 class _Spec(NamedTuple):
@@ -269,7 +292,11 @@ def _penalty(p: dict):
 
 
 def _train_loss(kind: str, out, t):
-    """Per-example training loss (N,): nats, or half the mean squared error per dim of the standardised target."""
+    """Per-example training loss (N,): nats, or half the mean squared error per dim of the standardised target.
+
+    (For a target reduced to principal-component coefficients: per coefficient, the
+    coefficients standardised by their own mean variance.)
+    """
     if kind == CLASSIFICATION:
         return optax.softmax_cross_entropy_with_integer_labels(out, t)
     return 0.5 * jnp.mean(jnp.square(out - t), axis=-1)
@@ -313,10 +340,12 @@ def _total(params, spec: _Spec, data: dict, layer: dict):
 def _segment(state: _State, data: dict, num_steps, spec: _Spec) -> _State:
     """``num_steps`` full-batch Adam steps of every member, keeping each member's best validated parameters.
 
-    Layers run one after the other (``lax.map``), all folds and members of a
-    layer together (``vmap``): a layer's features then stay in cache for the
-    forward and backward passes of all its steps instead of streaming every
-    layer's features from memory at every step.
+    Layers run one after the other (a loop over the layer axis), all folds
+    and members of a layer together (``vmap``): a layer's features then stay
+    in cache for the forward and backward passes of all its steps instead of
+    streaming every layer's features from memory at every step. Each layer's
+    slice of the (donated) state is updated in place, so the state exists
+    once, not as an input and a stacked output copy.
     """
     TRACE_COUNTS["ensemble_segment"] += 1
     opt = _optimizer(data["lr"], data["steps"])
@@ -324,10 +353,11 @@ def _segment(state: _State, data: dict, num_steps, spec: _Spec) -> _State:
     def where_better(better, new, old):
         return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new, old)
 
-    def run_layer(args):
-        s, x, xt, mu, inv_sd = args
-        layer = {"x": x, "xt": xt, "mu": mu, "inv_sd": inv_sd}
-        return jax.lax.fori_loop(0, num_steps, lambda i, s_: body(layer, s_), s)
+    def run_layer(index, full: _State) -> _State:
+        layer = {name: data[name][index] for name in ("x", "xt", "mu", "inv_sd")}
+        s = jax.tree.map(lambda a: a[index], full)
+        s = jax.lax.fori_loop(0, num_steps, lambda i, s_: body(layer, s_), s)
+        return jax.tree.map(lambda a, v: a.at[index].set(v), full, s)
 
     def body(layer, s: _State) -> _State:
         (_, vals), grads = jax.value_and_grad(_total, has_aux=True)(s.params, spec, data, layer)
@@ -339,10 +369,10 @@ def _segment(state: _State, data: dict, num_steps, spec: _Spec) -> _State:
         updates, opt_state = opt.update(grads, s.opt_state, s.params)
         return _State(optax.apply_updates(s.params, updates), opt_state, best_params, best_val, best_step, s.step + 1)
 
-    return jax.lax.map(run_layer, (state, data["x"], data["xt"], data["mu"], data["inv_sd"]))
+    return jax.lax.fori_loop(0, data["x"].shape[0], run_layer, state)
 
 
-_segment_jit = jax.jit(_segment, static_argnames=("spec",))
+_segment_jit = jax.jit(_segment, static_argnames=("spec",), donate_argnums=(0,))
 
 
 def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):
@@ -363,7 +393,7 @@ def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):
             pred = jax.nn.softmax(out, axis=-1)
         else:
             pred = data["t_mean"][:, None, None, :] + data["t_scale"][:, None, None, None] * out
-            loss = jnp.sum(jnp.square(pred - data["t"]), axis=-1)
+            loss = jnp.sum(jnp.square(pred - data["t"][:, None]), axis=-1) + data["t_resid"][:, None]
         member_test = jax.vmap(jax.vmap(_masked_mean, in_axes=(0, None)))(loss, test)  # (F, M)
         chosen = jnp.argmin(val_l, axis=1)  # (F,)
         folds = jnp.arange(chosen.shape[0])
@@ -443,7 +473,7 @@ def _check_split(split: Split, n: int) -> None:
 def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members: Sequence[Member], *,
                  kind: str, num_classes: int | None = None, widths: np.ndarray | None = None, steps: int = 300,
                  lr: float = 0.05, patience: int | None = 100, min_gain_se: float | None = 2.0,
-                 segment: int | None = None, progress: bool = False) -> EnsembleFit:
+                 target_dim: int | None = None, segment: int | None = None, progress: bool = False) -> EnsembleFit:
     """Train every member on every layer and fold at once; select per fold by validation loss; score held out.
 
     Args:
@@ -464,8 +494,22 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
         errors of the paired per-example difference; otherwise the fold is
         scored by the ignorant predictor (``chosen = -1``). None keeps the
         chosen member always.
+      target_dim: regression: a target of more than this many dimensions is
+        decoded in the span of each fold's top ``target_dim`` principal
+        directions of its training targets (the decoders predict the
+        coefficients, standardised by their mean variance; the residual
+        outside the span counts fully as error, and the null is unchanged), which bounds the decoders' size for
+        image targets. The family is then restricted, so the information is
+        a lower bound of the unrestricted family's. None: never reduce.
       segment: steps per compiled segment (progress and stopping are checked
         between segments); default max(10, steps // 20).
+
+    Classification: the held-out prediction of a fold's chosen member is
+    mixed with the fold's prior, ``(1 - w) p + w prior``, at the weight w in
+    ``MIX_WEIGHTS`` with the lowest validation loss. Mixtures are members
+    of the family too; the smallest weight bounds the held-out loss of an
+    overconfident member at ``-log(MIX_WEIGHTS[0] * prior)`` per example,
+    where a lone confident mistake would otherwise swamp a small held-out set.
 
     Objective of a member with weight decay lambda: mean training loss +
     lambda / 2 * (sum of squared weights, biases excluded) on standardised
@@ -494,7 +538,8 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
             families.append([mem.family, mem.hidden, 1])
     if any(mem.hidden != families[[f[0] for f in families].index(mem.family)][1] for mem in members):
         raise InputError("all MLP members must have the same hidden width")
-    spec = _Spec(kind, tuple((f, int(h), int(m)) for f, h, m in families))
+    if target_dim is not None and (not isinstance(target_dim, (int, np.integer)) or target_dim < 1):
+        raise InputError(f"target_dim must be a positive integer or None, got {target_dim!r}")
     widths = np.full(num_l, width) if widths is None else np.asarray(widths)
     num_f = split.train.shape[0]
     keep = split.train | split.val
@@ -506,10 +551,11 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
             "fold_of": jnp.asarray(split.fold_of, jnp.int32), "lr": jnp.float32(lr),
             "wd": {}}
     start = 0
-    for family, _, m in spec.families:
+    for family, _, m in families:
         data["wd"][family] = jnp.asarray([mem.weight_decay for mem in members[start:start + m]], jnp.float32)
         start += m
     counts = keep.sum(axis=1)
+    target_basis = target_mean = None
     if kind == CLASSIFICATION:
         y = np.asarray(target).astype(np.int32)
         k = int(num_classes)
@@ -522,23 +568,43 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
         data["t_train"] = jnp.broadcast_to(data["y"], (num_f, n))
     else:
         t = np.asarray(target, np.float64).reshape(n, -1)
-        k = t.shape[1]
+        dims = t.shape[1]
         t_mean = np.stack([t[keep[f]].mean(axis=0) for f in range(num_f)])
         t_scale = np.sqrt(np.stack([t[keep[f]].var(axis=0).mean() for f in range(num_f)]))
         t_scale = np.where(t_scale > 0, t_scale, 1.0)
+        null_fold_loss = np.stack([np.sum(np.square(t - t_mean[f]), axis=1) for f in range(num_f)])
+        if target_dim is not None and dims > target_dim:
+            r = int(min(target_dim, counts.min()))
+            target_basis = np.stack([_principal_directions(t[keep[f]] - t_mean[f], r) for f in range(num_f)])
+            coef = np.stack([(t - t_mean[f]) @ target_basis[f] for f in range(num_f)])  # (F, N, r)
+            resid = np.maximum(null_fold_loss - np.sum(np.square(coef), axis=2), 0.0)
+            target_mean = t_mean
+            # the coefficients' own scale (the unexplained residual is not the decoders' to fit)
+            t_scale = np.sqrt(np.stack([np.square(coef[f, keep[f]]).mean() for f in range(num_f)]))
+            t_scale = np.where(t_scale > 0, t_scale, 1.0)
+            k = r
+            null_fold_pred = np.zeros((num_f, k))
+            data["t"] = jnp.asarray(coef, jnp.float32)
+            data["t_mean"] = jnp.zeros((num_f, k), jnp.float32)
+            data["t_train"] = jnp.asarray(coef / t_scale[:, None, None], jnp.float32)
+        else:
+            k = dims
+            resid = np.zeros((num_f, n))
+            null_fold_pred = t_mean
+            data["t"] = jnp.asarray(np.broadcast_to(t, (num_f, n, k)), jnp.float32)
+            data["t_mean"] = jnp.asarray(t_mean, jnp.float32)
+            data["t_train"] = jnp.asarray((t[None] - t_mean[:, None]) / t_scale[:, None, None], jnp.float32)
+            target_mean = t_mean
         b0 = np.zeros((num_f, k))
-        null_fold_pred = t_mean
-        null_fold_loss = np.sum(np.square(t[None] - t_mean[:, None]), axis=2)
-        data["t"] = jnp.asarray(t, jnp.float32)
-        data["t_mean"] = jnp.asarray(t_mean, jnp.float32)
+        data["t_resid"] = jnp.asarray(resid, jnp.float32)
         data["t_scale"] = jnp.asarray(t_scale, jnp.float32)
-        data["t_train"] = jnp.asarray((t[None] - t_mean[:, None]) / t_scale[:, None, None], jnp.float32)
 
+    spec = _Spec(kind, tuple((f, int(h), int(m)) for f, h, m in families))
     params = _init_params(spec, members, widths, (num_l, num_f), width, k, b0)
     data["steps"] = jnp.float32(steps)
     opt_state = jax.vmap(_optimizer(data["lr"], data["steps"]).init)(params)
     shape = lambda m: (num_l, num_f, m)  # noqa: E731
-    state = _State(params, opt_state, params,
+    state = _State(params, opt_state, jax.tree.map(jnp.copy, params),  # distinct buffers: the state is donated
                    {f: jnp.full(shape(m), jnp.inf, jnp.float32) for f, _, m in spec.families},
                    {f: jnp.zeros(shape(m), jnp.int32) for f, _, m in spec.families}, jnp.zeros(num_l, jnp.int32))
 
@@ -568,6 +634,9 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     member_test, chosen, loss_c, pred_c = _score_jit(state.best_params, state.best_val, data, spec=spec)
     chosen = np.array(chosen)
     loss_c = np.asarray(loss_c, np.float64)
+    mix = None
+    if kind == CLASSIFICATION:
+        mix, loss_c = _mix_with_prior(loss_c, null_fold_loss, split.val)
     # Validation gain of each fold's chosen member over the ignorant predictor, paired per example.
     gain = np.zeros((num_l, num_f))
     gain_se = np.zeros((num_l, num_f))
@@ -585,7 +654,40 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     use = chosen[:, split.fold_of] >= 0  # (L, N)
     heldout_loss = np.where(use, loss_c[:, split.fold_of, rows], null_fold_loss[split.fold_of, rows][None])
     null_pred = null_fold_pred[split.fold_of]
-    heldout_pred = np.where(use[..., None], np.asarray(pred_c, np.float64), null_pred[None])
+    pred_c = np.asarray(pred_c, np.float64)
+    if mix is not None:
+        mix = np.where(chosen >= 0, mix, 0.0)
+        w = mix[:, split.fold_of][..., None]  # (L, N, 1)
+        pred_c = (1.0 - w) * pred_c + w * null_pred[None]
+    heldout_pred = np.where(use[..., None], pred_c, null_pred[None])
     val = np.concatenate([np.asarray(state.best_val[f]) for f, _, _ in spec.families], axis=2)
     return EnsembleFit(members, val, best_step, np.asarray(member_test), chosen, gain, gain_se, heldout_loss,
-                       heldout_pred, null_fold_loss[split.fold_of, rows], null_pred, done)
+                       heldout_pred, null_fold_loss[split.fold_of, rows], null_pred, done, mix, target_basis,
+                       target_mean, np.asarray(split.fold_of))
+
+
+# Prior weights tried when a classifier's held-out probabilities are mixed with the prior.
+MIX_WEIGHTS = (1e-3, 1e-2, 3e-2, 0.1, 0.3)
+
+
+def _mix_with_prior(loss_c: np.ndarray, null_loss: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per (layer, fold), the prior weight with the lowest validation loss, and every row's mixed loss.
+
+    loss_c: (L, F, N) -log p of each row under each fold's chosen member;
+    null_loss: (F, N) -log prior; val: (F, N) validation rows (the only rows
+    that choose the weight).
+    """
+    weights = np.asarray(MIX_WEIGHTS)[:, None, None, None]
+    mixed = -np.logaddexp(np.log1p(-weights) - loss_c[None], np.log(weights) + -null_loss[None, None])
+    val_loss = np.stack([mixed[:, :, f, val[f]].mean(axis=-1) for f in range(val.shape[0])], axis=-1)  # (W, L, F)
+    best = np.argmin(val_loss, axis=0)  # (L, F)
+    mixed_c = np.take_along_axis(mixed, best[None, :, :, None], axis=0)[0]
+    return np.asarray(MIX_WEIGHTS)[best], mixed_c
+
+
+def _principal_directions(centred: np.ndarray, r: int) -> np.ndarray:
+    """(D, r) orthonormal top-r right singular vectors of centred rows (n, D); sign fixed for determinism."""
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    v = vt[:r].T
+    signs = np.sign(v[np.argmax(np.abs(v), axis=0), np.arange(v.shape[1])])
+    return v * np.where(signs == 0, 1.0, signs)

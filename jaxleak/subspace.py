@@ -53,6 +53,10 @@ from jaxleak.task import Layer, Task
 _HOST_FLOATS = 2 ** 27
 # Count-sketch width for layers with neither factored Grams nor room for their gradients.
 _SKETCH_DIM = 4096
+# An outer-product layer whose gradients for all examples exceed this many floats (2 GiB) is
+# sketched instead: forming its Gram exactly would take n * P / _HOST_FLOATS forward-backward
+# passes over all examples and n^2 P multiply-adds (hours for vgg16 at n = 2048 on a CPU).
+_OUTER_FLOATS = 2 ** 29
 # Eigenvalues below this fraction of the largest are treated as zero (Grams are float32).
 _RANK_RTOL = 1e-5
 
@@ -505,7 +509,9 @@ def layer_grams(task: Task, x, y, *, layers: Sequence[str] | None = None, chunk_
     K_ij = <g_l(x_i, y_i), g_l(x_j, y_j)>. Sources: ``"activations/errors"``
     (Linen Dense/Conv, exact up to float32 rounding, no per-example gradient
     formed), ``"exact"`` (per-example gradients, layers that fit in memory),
-    ``"sketch"`` (count-sketched gradients, width 4096; unbiased but noisy).
+    ``"sketch"`` (count-sketched gradients, width 4096; unbiased but noisy), used for
+    layers with no factored Gram whose gradients for all N examples would exceed
+    2^29 floats (e.g. the 512-channel convolutions of vgg16 at N >= 512).
     """
     x, y = task.check_inputs(x, y)
     n = x.shape[0]
@@ -514,6 +520,8 @@ def layer_grams(task: Task, x, y, *, layers: Sequence[str] | None = None, chunk_
     plans = []
     for layer in sel:
         plan = linear_plan(task, layer, linears)
+        if plan is not None and plan.route == "outer" and n * layer.size > _OUTER_FLOATS:
+            plan = _Plan(layer, "sketch")
         if plan is None:
             plan = _Plan(layer, "exact" if n * layer.size <= _HOST_FLOATS else "sketch")
         plans.append(plan)

@@ -14,11 +14,16 @@ held-out examples; values are raw (they can be slightly negative).
 
 - Classification (integer target, e.g. a latent attribute): softmax
   classifiers; H_V(T|0) is the cross-entropy of held-out labels under the
-  training fold's Laplace-smoothed class frequencies. Bits per example.
+  training fold's Laplace-smoothed class frequencies. Bits per example. The
+  chosen classifier's probabilities are mixed with those frequencies at a
+  weight (0.001 to 0.3) chosen on validation, which bounds what one
+  confidently wrong prediction can cost (``prior_weight`` per fold).
 - Reconstruction (floating target, e.g. the input): Gaussian decoders
   N(t; mu(g), s^2 I) with the best s, whose NLL is (D/2) log(2 pi e MSE / D);
   I_V = (1/2) log2(MSE_0 / MSE_G) bits per target dimension, MSE_0 being the
-  error of the training mean.
+  error of the training mean. Targets of more than ``target_dim`` (128)
+  dimensions are decoded in the span of the training targets' top principal
+  directions (a restricted family: a lower bound).
 """
 
 from __future__ import annotations
@@ -176,6 +181,7 @@ def _classification_scores(names, fit, y, rng, n_boot) -> dict[str, Score]:
             "best_member": best,
             "members_chosen": per_fold,
             "best_steps": steps,
+            "prior_weight": [float(w) for w in fit.mix[i]],
         })
     return out
 
@@ -210,7 +216,7 @@ def _reconstruction_scores(names, fit, target, rng, n_boot) -> dict[str, Score]:
             "mse_null": float(mse_null),
         }
         if image:
-            extras.update(_image_metrics(np.asarray(fit.heldout_pred[i]), target, data_range))
+            extras.update(_image_metrics(fit.decode(fit.heldout_pred[i]), target, data_range))
         else:
             extras["psnr"] = float(10 * math.log10(data_range ** 2 / mse)) if mse > 0 else float("inf")
         extras.update({"best_member": best, "members_chosen": per_fold, "best_steps": steps})
@@ -219,7 +225,8 @@ def _reconstruction_scores(names, fit, target, rng, n_boot) -> dict[str, Score]:
 
 
 def _estimate(names: list[str], arrays: list[np.ndarray], target, *, sketched: dict, family, weight_decays, seeds,
-              folds, sketch_dim, steps, seed, hidden, lr, patience, val_fraction, n_boot, progress) -> LayerScores:
+              folds, sketch_dim, steps, seed, hidden, lr, patience, val_fraction, n_boot, target_dim,
+              progress) -> LayerScores:
     kind, t, target_info = _target(target, arrays[0].shape[0])
     members = ensemble.make_members(family, weight_decays, seeds, hidden, seed)
     n = t.shape[0]
@@ -228,7 +235,7 @@ def _estimate(names: list[str], arrays: list[np.ndarray], target, *, sketched: d
     x, widths = _stack(arrays)
     num_classes = int(t.max()) + 1 if kind == ensemble.CLASSIFICATION else None
     fit = ensemble.fit_ensemble(x, t, split, members, kind=kind, num_classes=num_classes, widths=widths,
-                                steps=steps, lr=lr, patience=patience, progress=progress)
+                                steps=steps, lr=lr, patience=patience, target_dim=target_dim, progress=progress)
     rng = np.random.default_rng(seed)
     if kind == ensemble.CLASSIFICATION:
         scores = _classification_scores(names, fit, t, rng, n_boot)
@@ -249,6 +256,8 @@ def _estimate(names: list[str], arrays: list[np.ndarray], target, *, sketched: d
         "null": ("Laplace-smoothed training-fold class frequencies" if kind == ensemble.CLASSIFICATION
                  else "training-fold mean (Gaussian with the best variance)"),
         "lower_bound": LOWER_BOUND_NOTE if sketched else None,
+        "target_reduced_to": (int(fit.target_basis.shape[2]) if fit.target_basis is not None else None),
+        "mix_weights": [float(w) for w in ensemble.MIX_WEIGHTS] if kind == ensemble.CLASSIFICATION else None,
         "sketched_layers": sorted(sketched),
     }
     return LayerScores("v_information", scores, unit=unit, meta=meta)
@@ -279,6 +288,7 @@ def v_information_from_features(
     patience: int | None = 100,
     val_fraction: float = 0.2,
     n_boot: int = 1000,
+    target_dim: int | None = 128,
     progress: bool = False,
 ) -> LayerScores:
     """Empirical V-information I_V(G_l -> T) of each layer's features about ``target``.
@@ -304,6 +314,11 @@ def v_information_from_features(
         improved for ``patience`` steps; each member keeps its best
         validated parameters.
       n_boot: bootstrap resamples for the 95% interval.
+      target_dim: a reconstruction target with more dimensions than this
+        (e.g. a 32x32x3 image) is decoded in the span of the training
+        folds' top ``target_dim`` principal directions; the value is then a
+        lower bound (see :func:`jaxleak.ensemble.fit_ensemble`). None: full
+        decoders (their size is features x target dimensions per member).
       progress: show a progress bar while the ensemble trains.
 
     Returns:
@@ -321,7 +336,8 @@ def v_information_from_features(
     arrays, sketched = _sketch(names, arrays, int(sketch_dim), seed)
     return _estimate(names, arrays, target, sketched=sketched, family=family, weight_decays=weight_decays,
                      seeds=seeds, folds=folds, sketch_dim=sketch_dim, steps=steps, seed=seed, hidden=hidden, lr=lr,
-                     patience=patience, val_fraction=val_fraction, n_boot=n_boot, progress=progress)
+                     patience=patience, val_fraction=val_fraction, n_boot=n_boot, target_dim=target_dim,
+                     progress=progress)
 
 
 def v_information(
@@ -342,6 +358,7 @@ def v_information(
     patience: int | None = 100,
     val_fraction: float = 0.2,
     n_boot: int = 1000,
+    target_dim: int | None = 128,
     chunk_size: int | None = None,
     layers: Sequence[str] | None = None,
     progress: bool = False,
@@ -376,4 +393,5 @@ def v_information(
     arrays = [np.asarray(feats[name]) for name in names]
     return _estimate(names, arrays, target, sketched=sketched, family=family, weight_decays=weight_decays,
                      seeds=seeds, folds=folds, sketch_dim=sketch_dim, steps=steps, seed=seed, hidden=hidden, lr=lr,
-                     patience=patience, val_fraction=val_fraction, n_boot=n_boot, progress=progress)
+                     patience=patience, val_fraction=val_fraction, n_boot=n_boot, target_dim=target_dim,
+                     progress=progress)

@@ -160,6 +160,17 @@ def test_grams_split_into_channel_blocks_and_sketches(digits, monkeypatch):
     assert set(sources.values()) == {"activations/errors"}
     for name in task.layer_names:
         np.testing.assert_allclose(grams[name], ref[name], rtol=1e-4, atol=1e-6 * np.abs(ref[name]).max())
+    # outer-product layers too large for exact Grams at this n are sketched; the rest stay exact
+    big = max(task.layer_names, key=lambda name: task.layer(name).size)
+    monkeypatch.setattr(subspace, "_OUTER_FLOATS", 9 * task.layer(big).size - 1)
+    grams_b, sources_b = layer_grams(task, x, y)
+    for name in task.layer_names:
+        plan = subspace.linear_plan(task, task.layer(name), subspace.find_linears(task))
+        assert sources_b[name] == ("sketch" if plan.route == "outer" and task.layer(name).size >= task.layer(big).size
+                                   else "activations/errors"), name
+    np.testing.assert_allclose(np.diag(grams_b[big]), np.diag(ref[big]), rtol=0.2)
+    monkeypatch.undo()
+    monkeypatch.setattr(subspace, "_HOST_FLOATS", 9 * 2000)
     # a model the interceptor cannot see: small layers exact, large ones sketched
     opaque = Task(task.apply_fn, task.params, task.input_shape, name="opaque")
     monkeypatch.setattr(subspace, "find_linears", lambda t: {})

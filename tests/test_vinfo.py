@@ -122,11 +122,78 @@ def test_member_selection_never_reads_held_out_targets():
     np.testing.assert_array_equal(clean.best_step[:, 0], poisoned.best_step[:, 0])
     np.testing.assert_array_equal(clean.val_loss[:, 0], poisoned.val_loss[:, 0])
     np.testing.assert_array_equal(clean.val_gain[:, 0], poisoned.val_gain[:, 0])
+    np.testing.assert_array_equal(clean.mix[:, 0], poisoned.mix[:, 0])  # prior weight: validation rows only
     # ... while its held-out scores do see the poison (the test can fail).
     assert not np.allclose(clean.heldout_loss[:, split.test[0]], poisoned.heldout_loss[:, split.test[0]])
     # Every example is held out exactly once.
     np.testing.assert_array_equal(split.test.sum(axis=0), np.ones(n))
     assert not np.any(split.test & (split.train | split.val))
+
+
+def test_confident_mistakes_cost_at_most_the_prior_mixture_bound():
+    """A held-out example far out on the wrong side costs a bounded loss, not hundreds of nats."""
+    rng = np.random.default_rng(11)
+    n = 400
+    g = rng.normal(size=(n, 2))
+    y = (g[:, 0] + 0.3 * rng.normal(size=n) > 0).astype(np.int32)
+    bad = np.arange(0, n, 100)              # 4 examples far out on the side of the other class
+    g[bad, 0] = np.where(y[bad] == 1, -6.0, 6.0)
+    split = ensemble.cross_fit_split(n, 5, seed=0, strata=y)
+    members = ensemble.make_members(("linear",), (1e-4,))
+    fit = ensemble.fit_ensemble(g[None].astype(np.float32), y, split, members, kind="classification",
+                                num_classes=2, steps=200, patience=None)
+    prior = fit.null_loss  # -log prior of each held-out label
+    bound = -np.log(ensemble.MIX_WEIGHTS[0]) + prior
+    assert np.all(fit.heldout_loss[0] <= bound + 1e-9)
+    # the member alone is far more confident on those examples (the bound is what saves the estimate)
+    member_loss = np.asarray(fit.member_test_loss)[0, :, 0].mean()
+    assert member_loss > fit.heldout_loss[0].mean() + 0.05
+    scores = v_information_from_features({"g": g}, y, family=("linear",), weight_decays=(1e-4,), steps=200,
+                                         folds=5, n_boot=200, patience=None)
+    assert scores["g"].value > 0.4 and scores["g"].ci[0] > 0.3, scores["g"]
+    assert all(w in ensemble.MIX_WEIGHTS for w in scores["g"]["prior_weight"])
+
+
+def test_prior_weight_is_chosen_on_validation_rows_only():
+    rng = np.random.default_rng(2)
+    loss = rng.exponential(size=(3, 2, 50))
+    null = np.full((2, 50), np.log(2.0))
+    val = np.zeros((2, 50), bool)
+    val[:, :20] = True
+    w, mixed = ensemble._mix_with_prior(loss, null, val)
+    poisoned = loss.copy()
+    poisoned[:, :, 20:] = 500.0  # non-validation rows: confident mistakes
+    w2, mixed2 = ensemble._mix_with_prior(poisoned, null, val)
+    np.testing.assert_array_equal(w, w2)
+    assert np.all(mixed2[..., 20:] <= -np.log(ensemble.MIX_WEIGHTS[0] * 0.5) + 1e-12)
+    # the mixture is the probability-space average (1 - w) p + w prior
+    p = np.exp(-loss)
+    np.testing.assert_allclose(np.exp(-mixed), (1 - w[..., None]) * p + w[..., None] * 0.5, rtol=1e-12)
+
+
+def test_high_dimensional_target_is_decoded_in_principal_span():
+    rng = np.random.default_rng(4)
+    n, dims, rank = 600, 40, 3
+    z = rng.normal(size=(n, rank))
+    basis = np.linalg.qr(rng.normal(size=(dims, rank)))[0]
+    t = z @ basis.T + 0.05 * rng.normal(size=(n, dims))  # the target lives near a 3-dim subspace
+    g = z + 0.3 * rng.normal(size=(n, rank))
+    kw = dict(family=("linear",), weight_decays=(1e-3,), steps=150, folds=5, n_boot=200)
+    full = v_information_from_features({"g": g}, t, target_dim=None, **kw)
+    reduced = v_information_from_features({"g": g}, t, target_dim=8, **kw)
+    too_small = v_information_from_features({"g": g}, t, target_dim=1, **kw)
+    assert full.meta["target_reduced_to"] is None and reduced.meta["target_reduced_to"] == 8
+    assert reduced["g"].value == pytest.approx(full["g"].value, abs=0.02)
+    assert too_small["g"].value < full["g"].value - 0.05  # one direction cannot carry three
+    # held-out losses are squared errors of the decoded reconstructions (independent recomputation)
+    x = g[None].astype(np.float32)
+    split = ensemble.cross_fit_split(n, 5, seed=0)
+    fit = ensemble.fit_ensemble(x, t, split, ensemble.make_members(("linear",), (1e-3,)), kind="regression",
+                                steps=150, target_dim=8)
+    assert fit.heldout_pred.shape == (1, n, 8) and fit.target_basis.shape == (5, dims, 8)
+    recon = fit.decode(fit.heldout_pred[0])
+    np.testing.assert_allclose(fit.heldout_loss[0], np.sum(np.square(recon - t), axis=1), rtol=1e-4)
+    np.testing.assert_allclose(fit.null_loss, np.sum(np.square(fit.decode(fit.null_pred) - t), axis=1), rtol=1e-9)
 
 
 def test_zero_padding_leaves_a_layer_unchanged():
