@@ -21,11 +21,10 @@ restart-iteration of jaxleak (8 restarts) over the faster PyTorch variant
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -135,21 +134,10 @@ def torch_ig(module, forward, x_true, y_true, *, steps, lr, tv, seed):
 # ---------------------------------------------------------------- the benchmark
 
 def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import torch
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from machine import machine_info as base
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "load_average_at_start": os.getloadavg()}
+    return base()
 
 
 def case(name: str, model: str, activation: str, size: int, steps: int, reps: int, tv: float) -> dict:

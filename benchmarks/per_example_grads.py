@@ -39,10 +39,8 @@ Writes ``benchmarks/results/per_example_grads.json``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -51,34 +49,11 @@ import numpy as np
 
 
 def machine_info(shared: bool) -> dict:
-    import jax
+    """benchmarks/machine.py's record, plus the Opacus version and whether other jobs shared the CPU."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from machine import machine_info as base
 
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jax_backend": jax.default_backend(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_at_start": os.getloadavg(),
-    }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        pass
+    info = base()
     try:
         import opacus
 
@@ -86,8 +61,8 @@ def machine_info(shared: bool) -> dict:
     except ImportError:
         pass
     if shared:
-        info["note"] = ("other jobs (test suites of other engineers) were running concurrently on this "
-                        "2-core machine; interleaved repetitions and medians reduce but do not remove the effect")
+        info["note"] = ("other jobs were running concurrently on this 2-core machine; interleaved "
+                        "repetitions and medians reduce but do not remove the effect")
     return info
 
 

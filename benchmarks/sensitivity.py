@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from machine import machine_info  # noqa: E402
 
 
 def _parse():
@@ -41,6 +42,8 @@ def _parse():
                    help="examples per call of the (slow) exact PyTorch Jacobian (default: 32 on cpu, --n on gpu)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--probes", type=int, default=16)
+    p.add_argument("--resize", type=int, default=None,
+                   help="digits scaled to RESIZE x RESIZE (28: the MNIST shape; default: the native 8x8)")
     p.add_argument("--out", default=None)
     p.add_argument("--skip-subspace", action="store_true")
     p.add_argument("--subspace-child", action="store_true", help=argparse.SUPPRESS)
@@ -152,8 +155,12 @@ def bench_sensitivity(args) -> dict:
     tdev = torch.device("cuda" if args.device == "gpu" else "cpu")
     sync = (lambda: torch.cuda.synchronize()) if args.device == "gpu" else (lambda: None)
 
-    ds = data.load("digits")
+    ds = data.load("digits", resize=args.resize) if args.resize else data.load("digits")
     task = Task.init("lenet", ds, seed=0)
+    side = ds.x.shape[1]
+    # exact modes hold the (P x D) Jacobian per example: few examples per call when D is large
+    exact_chunk = args.n if side * side <= 64 else 4
+    ne = min(args.n_exact_torch or (args.n if args.device == "gpu" else 32 if side * side <= 64 else 4), args.n)
     x, y = ds.x[: args.n], ds.y[: args.n]
     model = torch_lenet(task.params, tdev)
     xt = torch.tensor(x, device=tdev)
@@ -163,7 +170,7 @@ def bench_sensitivity(args) -> dict:
 
     exact_t = torch_exact_fn(model)
     surr_t = torch_surrogate_fn(model)
-    ne = min(args.n_exact_torch or (args.n if args.device == "gpu" else 32), args.n)
+
 
     def run_hutch():
         per_example_terms(task, x, y, probes=args.probes, chunk_size=args.n)
@@ -188,7 +195,7 @@ def bench_sensitivity(args) -> dict:
         per_example_terms(task, x, y, method="ones", chunk_size=args.n)
 
     def run_exact_jax():
-        per_example_terms(task, x, y, method="exact", chunk_size=args.n)
+        per_example_terms(task, x[:ne], y[:ne], method="exact", chunk_size=min(ne, exact_chunk))
 
     def run_exact_torch():
         exact_t(xt[:ne], yt[:ne])
@@ -202,7 +209,7 @@ def bench_sensitivity(args) -> dict:
         "jaxleak_hutchinson": (run_hutch, args.n),
         "jaxleak_hutchinson_plain_jvp": (run_hutch_generic, args.n),
         "jaxleak_ones_surrogate": (run_ones, args.n),
-        "jaxleak_exact": (run_exact_jax, args.n),
+        "jaxleak_exact": (run_exact_jax, ne),
         "torch_exact_jacfwd": (run_exact_torch, ne),
         "torch_graddefense_surrogate": (run_surr_torch, args.n),
     }
@@ -227,10 +234,11 @@ def bench_sensitivity(args) -> dict:
                 for n in torch_sq)
 
     # estimator error against jaxleak's exact mode on the same examples
-    ex = sensitivity(task, x, y, method="exact")
-    errors = {}
+    ne_err = args.n if side * side <= 64 else 64
+    ex = sensitivity(task, x[:ne_err], y[:ne_err], method="exact", chunk_size=min(ne_err, exact_chunk))
+    errors = {"examples": ne_err}
     for probes in sorted({args.probes, 64}):
-        h = sensitivity(task, x, y, probes=probes, seed=1)
+        h = sensitivity(task, x[:ne_err], y[:ne_err], probes=probes, seed=1)
         errors[str(probes)] = {
             n: {"exact": ex[n].value, "hutchinson": h[n].value,
                 "rel_error": abs(h[n].value - ex[n].value) / ex[n].value,
@@ -240,7 +248,7 @@ def bench_sensitivity(args) -> dict:
         }
     hut = throughput["jaxleak_hutchinson"]
     return {
-        "model": "lenet", "data": "digits 8x8x1", "examples_per_call": args.n,
+        "model": "lenet", "data": f"digits {side}x{side}x1", "examples_per_call": args.n,
         "torch_exact_examples_per_call": ne, "probes": args.probes, "reps": args.reps,
         "logits_max_abs_diff_jax_vs_torch": diff,
         "exact_sq_norm_rel_diff_jax_vs_torch": agree,
@@ -307,8 +315,7 @@ def main():
         subspace_child(args)
         return
     result = {
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count(), "device": args.device},
+        "machine": {**machine_info(), "device": args.device},
         "sensitivity": bench_sensitivity(args),
     }
     if args.device == "gpu":

@@ -20,11 +20,10 @@ Usage: python benchmarks/vinfo_ensemble.py [--reps 3] [--steps 300]
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
+import sys
 import time
 import warnings
 
@@ -53,15 +52,10 @@ def make_data(seed: int = 0):
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
-            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "load_average_at_start": os.getloadavg()}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from machine import machine_info
+
+    return machine_info()
 
 
 def heldout_bits(fit: ensemble.EnsembleFit) -> np.ndarray:
@@ -116,6 +110,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--note", default="", help="e.g. that other jobs shared the CPU")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "vinfo_ensemble.json"))
     args = parser.parse_args()
 
@@ -156,8 +151,7 @@ def main():
                   "weight_decays": WEIGHT_DECAYS, "steps": args.steps, "optimizer": "full-batch Adam, lr 0.05 cosine",
                   "reps": args.reps},
         "machine": machine(),
-        "note": ("other jobs (helpers' tests and experiments) ran concurrently on the 2 cores; "
-                 "repetitions are interleaved and medians reported"),
+        "note": args.note,
         "seconds": {"median": med, "all": times, "first_call_with_compile": {"ensemble": first_ensemble,
                                                                             "one_member": first_single}},
         "ratios": {

@@ -298,8 +298,20 @@ def _train_loss(kind: str, out, t):
     coefficients standardised by their own mean variance.)
     """
     if kind == CLASSIFICATION:
-        return optax.softmax_cross_entropy_with_integer_labels(out, t)
+        return optax.softmax_cross_entropy_with_integer_labels(_logits(out), t)
     return 0.5 * jnp.mean(jnp.square(out - t), axis=-1)
+
+
+def _logits(out):
+    """Class logits from a member's output: a single output (two classes) is the logit of class 1 against 0.
+
+    Two classes need one logit, as in binary logistic regression: half the
+    parameters and arithmetic of a two-column softmax, and the weight decay
+    acts on the one coefficient vector that decides (as in scikit-learn).
+    """
+    if out.shape[-1] == 1:
+        return jnp.concatenate([jnp.zeros_like(out), out], axis=-1)
+    return out
 
 
 def _masked_mean(values, mask):
@@ -389,6 +401,7 @@ def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):
             outs.append(jax.vmap(jax.vmap(member, in_axes=(0, None, None)))(params_l[family], mu_l, isd_l))
         out = jnp.concatenate(outs, axis=1)  # (F, M, N, K)
         if spec.kind == CLASSIFICATION:
+            out = _logits(out)
             loss = optax.softmax_cross_entropy_with_integer_labels(out, jnp.broadcast_to(data["y"], out.shape[:-1]))
             pred = jax.nn.softmax(out, axis=-1)
         else:
@@ -562,6 +575,8 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
         freq = np.stack([np.bincount(y[keep[f]], minlength=k) for f in range(num_f)]).astype(np.float64)
         prior = (freq + 1.0) / (counts[:, None] + k)  # Laplace-smoothed training frequencies
         b0 = np.log(prior)
+        if k == 2:  # one output: the logit of class 1 against class 0
+            b0 = b0[:, 1:] - b0[:, :1]
         null_fold_pred = prior
         null_fold_loss = -np.log(prior[:, y])  # (F, N): every row under each fold's null
         data["y"] = jnp.asarray(y)
@@ -600,7 +615,7 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
         data["t_scale"] = jnp.asarray(t_scale, jnp.float32)
 
     spec = _Spec(kind, tuple((f, int(h), int(m)) for f, h, m in families))
-    params = _init_params(spec, members, widths, (num_l, num_f), width, k, b0)
+    params = _init_params(spec, members, widths, (num_l, num_f), width, b0.shape[1], b0)
     data["steps"] = jnp.float32(steps)
     opt_state = jax.vmap(_optimizer(data["lr"], data["steps"]).init)(params)
     shape = lambda m: (num_l, num_f, m)  # noqa: E731
