@@ -27,7 +27,6 @@ import sys
 import time
 import warnings
 
-import jax
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
