@@ -167,7 +167,7 @@ def _add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vinfo-steps", type=int, help="V-information ensemble training steps; default 150")
     p.add_argument("--vinfo-folds", type=int, help="V-information cross-fitting folds; default 3")
     p.add_argument("--vinfo-boot", type=int, help="V-information bootstrap resamples; default 200")
-    p.add_argument("--local-lr", type=float, help="clients' SGD learning rate eta; default 0.1")
+    p.add_argument("--local-lr", type=float, help="clients' SGD learning rate eta; default 0.01")
     p.add_argument("--batch-sizes", type=_int_list, help="aggregation: client batch sizes B; default 1,2,4,8,16,32")
     p.add_argument("--local-steps", type=_int_list, help="aggregation: local steps K; default 1,2,4")
     p.add_argument("--defense", action="append", default=[], metavar="SPEC",
