@@ -371,7 +371,7 @@ def from_tfds(
         y = np.array([int(bool(r["attributes"][label])) for r in records], dtype=np.int32)
         lat = {a: np.array([int(bool(r["attributes"][a])) for r in records], dtype=np.int32) for a in names}
         desc = {a: f"CelebA attribute {a}" for a in names}
-        return from_arrays(x, y, lat, name=f"tfds:celeb_a", num_classes=2, descriptions=desc)
+        return from_arrays(x, y, lat, name="tfds:celeb_a", num_classes=2, descriptions=desc)
     info_classes = source.dataset_info.features["label"].num_classes
     y = np.array([int(r["label"]) for r in records], dtype=np.int32)
     lat, desc = _image_latents(x, y)

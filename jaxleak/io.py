@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 from typing import Iterator, Sequence
 
@@ -28,6 +29,23 @@ def atomic_path(path: str) -> Iterator[str]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def run_directory(out: str, *, resume: bool, cleanup: tuple[type[BaseException], ...]) -> Iterator[str]:
+    """Create ``out`` (with ``parts/``) for a run or study; if it was created here, remove it on ``cleanup`` errors.
+
+    A failed fresh run leaves nothing behind; a resumed run keeps everything
+    it had (its finished parts are what ``--resume`` continues from).
+    """
+    created = not os.path.exists(out)
+    try:
+        os.makedirs(os.path.join(out, "parts"), exist_ok=True)
+        yield out
+    except cleanup:
+        if created and not resume:
+            shutil.rmtree(out, ignore_errors=True)
         raise
 
 

@@ -14,7 +14,6 @@ import difflib
 import json
 import os
 import platform
-import shutil
 import time
 import tomllib
 from typing import Any, Callable
@@ -269,9 +268,7 @@ def _run(config: RunConfig, out: str, resume: bool, progress: bool, on_measure, 
     t0 = time.time()
     prep = prepare(config, progress=progress)
     timing = {"prepare_s": time.time() - t0}
-    created = not os.path.exists(out)
-    try:
-        os.makedirs(os.path.join(out, "parts"), exist_ok=True)
+    with io.run_directory(out, resume=resume, cleanup=(JaxleakError,)):
         if not resume:
             io.write_json(os.path.join(out, "config.json"), config.to_dict())
         from jaxleak.checkpoint import save_params
@@ -327,10 +324,6 @@ def _run(config: RunConfig, out: str, resume: bool, progress: bool, on_measure, 
         from jaxleak.report import write_report
 
         write_report(out)
-    except JaxleakError:
-        if created and not resume:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
     results["out"] = out
     return results
 

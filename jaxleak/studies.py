@@ -46,7 +46,6 @@ import datetime
 import json
 import math
 import os
-import shutil
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -61,7 +60,7 @@ from jaxleak import io
 from jaxleak.errors import InputError, JaxleakError, UnknownNameError
 from jaxleak.run import check_resume
 from jaxleak.scores import LayerScores, Score
-from jaxleak.task import Layer, Task
+from jaxleak.task import Task
 
 SCHEMA = "jaxleak.results/1"
 STUDIES = ("aggregation", "defenses", "training", "validation")
@@ -654,9 +653,7 @@ def run_study(config: StudyConfig, *, out: str | None = None, resume: bool = Fal
         raise InputError(f"output directory {out!r} exists and is not empty; choose another --out "
                          f"or continue it with --resume")
     ctx = _context(config)
-    created = not os.path.exists(out)
-    try:
-        os.makedirs(os.path.join(out, "parts"), exist_ok=True)
+    with io.run_directory(out, resume=resume, cleanup=(JaxleakError,)):
         if not resume:
             io.write_json(os.path.join(out, "config.json"), config.to_dict())
         if config.study == "validation":
@@ -688,10 +685,6 @@ def run_study(config: StudyConfig, *, out: str | None = None, resume: bool = Fal
         from jaxleak.report import write_report
 
         write_report(out, title=f"jaxleak study: {config.study} ({config.model} on {ctx.dataset.name})")
-    except JaxleakError:
-        if created and not resume:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
     results["out"] = out
     return results
 
