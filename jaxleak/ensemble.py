@@ -406,6 +406,8 @@ def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):
             pred = jax.nn.softmax(out, axis=-1)
         else:
             pred = data["t_mean"][:, None, None, :] + data["t_scale"][:, None, None, None] * out
+            # outputs clipped to the fold's training range of the target (or of its coefficients)
+            pred = jnp.clip(pred, data["t_lo"][:, None, None, :], data["t_hi"][:, None, None, :])
             loss = jnp.sum(jnp.square(pred - data["t"][:, None]), axis=-1) + data["t_resid"][:, None]
         member_test = jax.vmap(jax.vmap(_masked_mean, in_axes=(0, None)))(loss, test)  # (F, M)
         chosen = jnp.argmin(val_l, axis=1)  # (F,)
@@ -517,6 +519,12 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
       segment: steps per compiled segment (progress and stopping are checked
         between segments); default max(10, steps // 20).
 
+    Regression: every decoder's output is clipped to the range its fold's
+    training targets (or, for a reduced target, their coefficients) span, so
+    a held-out example with extreme features cannot be reconstructed outside
+    anything the attacker has seen (selection and scoring use the clipped
+    outputs; training uses the unclipped loss).
+
     Classification: the held-out prediction of a fold's chosen member is
     mixed with the fold's prior, ``(1 - w) p + w prior``, at the weight w in
     ``MIX_WEIGHTS`` with the lowest validation loss. Mixtures are members
@@ -611,6 +619,9 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
             data["t_train"] = jnp.asarray((t[None] - t_mean[:, None]) / t_scale[:, None, None], jnp.float32)
             target_mean = t_mean
         b0 = np.zeros((num_f, k))
+        out_t = coef if target_basis is not None else np.broadcast_to(t, (num_f, n, k))
+        data["t_lo"] = jnp.asarray(np.stack([out_t[f, keep[f]].min(axis=0) for f in range(num_f)]), jnp.float32)
+        data["t_hi"] = jnp.asarray(np.stack([out_t[f, keep[f]].max(axis=0) for f in range(num_f)]), jnp.float32)
         data["t_resid"] = jnp.asarray(resid, jnp.float32)
         data["t_scale"] = jnp.asarray(t_scale, jnp.float32)
 

@@ -23,7 +23,8 @@ held-out examples; values are raw (they can be slightly negative).
   I_V = (1/2) log2(MSE_0 / MSE_G) bits per target dimension, MSE_0 being the
   error of the training mean. Targets of more than ``target_dim`` (128)
   dimensions are decoded in the span of the training targets' top principal
-  directions (a restricted family: a lower bound).
+  directions (a restricted family: a lower bound). Decoder outputs are
+  clipped to the training targets' range.
 """
 
 from __future__ import annotations

@@ -154,6 +154,23 @@ def test_confident_mistakes_cost_at_most_the_prior_mixture_bound():
     assert all(w in ensemble.MIX_WEIGHTS for w in scores["g"]["prior_weight"])
 
 
+def test_reconstructions_stay_within_the_training_range():
+    """A held-out example with an extreme feature is not decoded to an extreme target."""
+    rng = np.random.default_rng(8)
+    n = 300
+    g = rng.normal(size=(n, 2))
+    t = g[:, :1] + 0.3 * rng.normal(size=(n, 1))
+    g[7, 0] = 500.0  # one example far outside every training fold
+    split = ensemble.cross_fit_split(n, 5, seed=0)
+    fit = ensemble.fit_ensemble(g[None].astype(np.float32), t, split, ensemble.make_members(("linear",), (1e-3,)),
+                                kind="regression", steps=150, patience=None)
+    others = np.delete(t[:, 0], 7)
+    assert fit.chosen[0, split.fold_of[7]] >= 0  # the fold that holds it out uses its decoder
+    assert others.min() - 1e-5 <= fit.heldout_pred[0, 7, 0] <= others.max() + 1e-5
+    assert fit.heldout_loss[0, 7] <= (others.max() - t[7, 0]) ** 2 + (others.min() - t[7, 0]) ** 2 + 1e-6
+    assert fit.member_test_loss[0, split.fold_of[7], 0] < fit.null_loss.mean() * 2  # unclipped: ~500^2 / 60
+
+
 def test_prior_weight_is_chosen_on_validation_rows_only():
     rng = np.random.default_rng(2)
     loss = rng.exponential(size=(3, 2, 50))
