@@ -592,34 +592,29 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     else:
         t = np.asarray(target, np.float64).reshape(n, -1)
         dims = t.shape[1]
-        t_mean = np.stack([t[keep[f]].mean(axis=0) for f in range(num_f)])
-        t_scale = np.sqrt(np.stack([t[keep[f]].var(axis=0).mean() for f in range(num_f)]))
-        t_scale = np.where(t_scale > 0, t_scale, 1.0)
+        target_mean = t_mean = np.stack([t[keep[f]].mean(axis=0) for f in range(num_f)])
         null_fold_loss = np.stack([np.sum(np.square(t - t_mean[f]), axis=1) for f in range(num_f)])
         if target_dim is not None and dims > target_dim:
             r = int(min(target_dim, counts.min()))
             target_basis = np.stack([_principal_directions(t[keep[f]] - t_mean[f], r) for f in range(num_f)])
-            coef = np.stack([(t - t_mean[f]) @ target_basis[f] for f in range(num_f)])  # (F, N, r)
-            resid = np.maximum(null_fold_loss - np.sum(np.square(coef), axis=2), 0.0)
-            target_mean = t_mean
+            out_t = np.stack([(t - t_mean[f]) @ target_basis[f] for f in range(num_f)])  # (F, N, r) coefficients
+            resid = np.maximum(null_fold_loss - np.sum(np.square(out_t), axis=2), 0.0)
             # the coefficients' own scale (the unexplained residual is not the decoders' to fit)
-            t_scale = np.sqrt(np.stack([np.square(coef[f, keep[f]]).mean() for f in range(num_f)]))
-            t_scale = np.where(t_scale > 0, t_scale, 1.0)
-            k = r
-            null_fold_pred = np.zeros((num_f, k))
-            data["t"] = jnp.asarray(coef, jnp.float32)
-            data["t_mean"] = jnp.zeros((num_f, k), jnp.float32)
-            data["t_train"] = jnp.asarray(coef / t_scale[:, None, None], jnp.float32)
+            t_scale = np.sqrt(np.stack([np.square(out_t[f, keep[f]]).mean() for f in range(num_f)]))
+            out_mean = np.zeros((num_f, r))
         else:
-            k = dims
+            out_t = np.broadcast_to(t, (num_f, n, dims))
             resid = np.zeros((num_f, n))
-            null_fold_pred = t_mean
-            data["t"] = jnp.asarray(np.broadcast_to(t, (num_f, n, k)), jnp.float32)
-            data["t_mean"] = jnp.asarray(t_mean, jnp.float32)
-            data["t_train"] = jnp.asarray((t[None] - t_mean[:, None]) / t_scale[:, None, None], jnp.float32)
-            target_mean = t_mean
+            t_scale = np.sqrt(np.stack([t[keep[f]].var(axis=0).mean() for f in range(num_f)]))
+            out_mean = t_mean
+        # out_t: what the decoders predict (the target, or its coefficients), with its fold means out_mean
+        t_scale = np.where(t_scale > 0, t_scale, 1.0)
+        k = out_t.shape[2]
+        null_fold_pred = out_mean
         b0 = np.zeros((num_f, k))
-        out_t = coef if target_basis is not None else np.broadcast_to(t, (num_f, n, k))
+        data["t"] = jnp.asarray(out_t, jnp.float32)
+        data["t_mean"] = jnp.asarray(out_mean, jnp.float32)
+        data["t_train"] = jnp.asarray((out_t - out_mean[:, None]) / t_scale[:, None, None], jnp.float32)
         data["t_lo"] = jnp.asarray(np.stack([out_t[f, keep[f]].min(axis=0) for f in range(num_f)]), jnp.float32)
         data["t_hi"] = jnp.asarray(np.stack([out_t[f, keep[f]].max(axis=0) for f in range(num_f)]), jnp.float32)
         data["t_resid"] = jnp.asarray(resid, jnp.float32)
