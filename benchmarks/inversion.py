@@ -34,6 +34,9 @@ import numpy as np
 from jaxleak import attacks, data, grads
 from jaxleak.task import Task
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine_info  # noqa: E402
+
 
 # ---------------------------------------------------------------- the PyTorch peer
 
@@ -132,13 +135,6 @@ def torch_ig(module, forward, x_true, y_true, *, steps, lr, tv, seed):
 
 
 # ---------------------------------------------------------------- the benchmark
-
-def machine_info() -> dict:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from machine import machine_info as base
-
-    return base()
-
 
 def case(name: str, model: str, activation: str, size: int, steps: int, reps: int, tv: float) -> dict:
     import torch

@@ -47,13 +47,13 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine_info as base_machine_info  # noqa: E402
+
 
 def machine_info(shared: bool) -> dict:
     """benchmarks/machine.py's record, plus the Opacus version and whether other jobs shared the CPU."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from machine import machine_info as base
-
-    info = base()
+    info = base_machine_info()
     try:
         import opacus
 

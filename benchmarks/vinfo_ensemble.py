@@ -33,6 +33,9 @@ from sklearn.linear_model import LogisticRegression
 
 from jaxleak import ensemble
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine_info  # noqa: E402
+
 LAYERS, CONFIGS, N, WIDTH = 8, 8, 2000, 1024
 WEIGHT_DECAYS = tuple(float(w) for w in np.logspace(-4, -0.5, CONFIGS))
 LN2 = math.log(2.0)
@@ -48,13 +51,6 @@ def make_data(seed: int = 0):
         strength = layer / (LAYERS - 1)  # from no signal to a strong one
         x[layer, :, :8] += (strength * latent)[:, None]
     return x, y
-
-
-def machine() -> dict:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from machine import machine_info
-
-    return machine_info()
 
 
 def heldout_bits(fit: ensemble.EnsembleFit) -> np.ndarray:
@@ -149,7 +145,7 @@ def main():
                                                          int(split.test.sum())],
                   "weight_decays": WEIGHT_DECAYS, "steps": args.steps, "optimizer": "full-batch Adam, lr 0.05 cosine",
                   "reps": args.reps},
-        "machine": machine(),
+        "machine": machine_info(),
         "note": args.note,
         "seconds": {"median": med, "all": times, "first_call_with_compile": {"ensemble": first_ensemble,
                                                                             "one_member": first_single}},
