@@ -46,7 +46,7 @@ import scipy.optimize
 
 from jaxleak import metrics
 from jaxleak.errors import InputError, NonFiniteError
-from jaxleak.grads import TRACE_COUNTS, canonical_convs, per_example_grad_fn
+from jaxleak.grads import TRACE_COUNTS, OuterFactors, canonical_convs, per_example_grad_fn
 from jaxleak.scores import LayerScores, Score
 from jaxleak.task import Layer, Task
 
@@ -273,7 +273,11 @@ def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: in
     batched per-example gradient computation over the M V R B dummy examples
     (:func:`jaxleak.grads.per_example_grad_fn`, whose conv gradients are
     batched matrix products), which is what makes restarts cheap; with
-    K > 1 each run's K local steps are vmapped.
+    K > 1 each run's K local steps are vmapped. For IG, Dense layers'
+    updates are never formed: <u, t> and ||u||^2 come from their factors
+    (:func:`_factored_products`), so their cost is matrix products with the
+    shared targets, whose reads 8 restarts share, instead of one
+    (1 + I) x O outer product per run.
 
     Shapes: keys (V, R); targets {layer: (V, P_l)}; labels (V, B) int;
     weights (M, L), one row of layer weights per run group.
@@ -287,12 +291,15 @@ def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: in
         loss_task = _soft_label_task(task) if soft else task
 
         if local_steps == 1:
-            per_example = per_example_grad_fn(loss_task, sel)
+            # IG needs only <u, t> and ||u||^2, which Dense layers give from
+            # their factors; DLG's ||u - t||^2 is formed from u itself (as
+            # ||u||^2 - 2<u, t> + ||t||^2 it would cancel once u is close to t).
+            per_example = per_example_grad_fn(loss_task, sel, factored=method == "ig")
 
             def run_updates(params, x, y, local_lr):
                 n = x.shape[0]
                 g = per_example(params, x.reshape(n * batch, *in_shape), y.reshape(n * batch, *y.shape[2:]))
-                return {name: v.reshape(n, batch, -1).mean(axis=1) for name, v in g.items()}
+                return {name: _run_means(v, n, batch) for name, v in g.items()}
         else:
             grad_loss = jax.grad(loss_task.loss)
 
@@ -325,9 +332,15 @@ def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: in
             # multiply-and-sum: XLA's CPU reductions of a broadcast product are
             # several times slower than a matrix-vector product.
             for i, name in enumerate(names):
-                ui = u[name].reshape(*runs, -1)
                 ti = targets[name]
                 wi = weights[:, i][:, None, None]
+                if isinstance(u[name], OuterFactors):
+                    dot, uu = _factored_products(u[name], ti, runs)
+                    total["dot"] += wi * dot
+                    total["uu"] += wi * uu
+                    total["tt"] += wi * jnp.einsum("vp,vp->v", ti, ti)[None, :, None]
+                    continue
+                ui = u[name].reshape(*runs, -1)
                 if method == "ig":
                     total["dot"] += wi * jnp.einsum("mvrp,vp->mvr", ui, ti)
                     total["uu"] += wi * jnp.einsum("mvrp,mvrp->mvr", ui, ui)
@@ -393,6 +406,42 @@ def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: in
         return {"init": jax.jit(init), "advance": jax.jit(advance), "final": jax.jit(final)}
 
     return task.cached(key, build)
+
+
+def _run_means(g, n: int, batch: int):
+    """Per-example gradients of n runs' batches -> each run's update (the batch mean).
+
+    An array (n B, P) becomes (n, P). :class:`OuterFactors` (n B, M, I), (n B,
+    M, O) become one run's factors (n, B M, I) / B and (n, B M, O), whose sum
+    of outer products is the run's update; when that sum is cheaper to form
+    than to keep factored (B M (I + O) > I O), it is formed, (n, I O).
+    """
+    if not isinstance(g, OuterFactors):
+        return g.reshape(n, batch, -1).mean(axis=1)
+    rows, i, o = batch * g.a.shape[1], g.a.shape[-1], g.d.shape[-1]
+    run = OuterFactors(g.a.reshape(n, rows, i) / batch, g.d.reshape(n, rows, o))
+    return run if rows * (i + o) <= i * o else run.materialize()
+
+
+def _factored_products(u: OuterFactors, t: jax.Array, runs: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """<u, t> and ||u||^2 for every run, u = sum_k outer(a_k, d_k), without forming u.
+
+    u: factors (n, K, I), (n, K, O) with n = prod(runs) = M V R; t: targets
+    (V, I O). <u, t> = sum_k a_k^T T d_k (one matrix product with the shared
+    T per victim); ||u||^2 = sum_{k,k'} (a_k . a_k')(d_k . d_k').
+    """
+    m, v, r = runs
+    k, i, o = u.a.shape[1], u.a.shape[-1], u.d.shape[-1]
+    a = u.a.reshape(m, v, r, k, i)
+    d = u.d.reshape(m, v, r, k, o)
+    at = jnp.einsum("mvrki,vio->mvrko", a, t.reshape(v, i, o))
+    dot = jnp.einsum("mvrko,mvrko->mvr", at, d)
+    if k == 1:
+        uu = jnp.einsum("mvrki,mvrki->mvr", a, a) * jnp.einsum("mvrko,mvrko->mvr", d, d)
+    else:
+        uu = jnp.einsum("mvrkl,mvrkl->mvr", jnp.einsum("mvrki,mvrli->mvrkl", a, a),
+                        jnp.einsum("mvrko,mvrlo->mvrkl", d, d))
+    return dot, uu
 
 
 def _run(task: Task, target_update, *, weights_for: Callable[[int], np.ndarray], method: str, layers, restarts: int,

@@ -123,7 +123,8 @@ def vmap_grad_fn(task: Task, layers: Sequence[Layer]) -> Callable:
     return fn
 
 
-def per_example_grad_fn(task: Task, layers: Sequence[Layer], *, method: str = "auto") -> Callable:
+def per_example_grad_fn(task: Task, layers: Sequence[Layer], *, method: str = "auto",
+                        factored: bool = False) -> Callable:
     """Pure ``(params, x (B, ...), y (B,)) -> {layer: (B, P_l)}``: per-example gradients per layer.
 
     ``method='auto'`` (default) computes the gradients of the parameters of
@@ -140,12 +141,18 @@ def per_example_grad_fn(task: Task, layers: Sequence[Layer], *, method: str = "a
 
     Both are exact (the same quantity, float32 rounding aside) and
     differentiable, so measures can take jvps through them.
+
+    ``factored=True`` (fast path only) returns the layers that are one plain
+    Dense call (kernel and bias) as :class:`OuterFactors` (input and output
+    cotangent) instead of the (B, P_l) outer products, for computations that
+    only need inner products of the gradients with fixed vectors and their
+    norms (:mod:`jaxleak.attacks`); other layers are arrays as before.
     """
     if method == "vmap":
         return vmap_grad_fn(task, layers)
     if method != "auto":
         raise InputError(f"method must be 'auto' or 'vmap', got {method!r}")
-    return _fast_grad_fn(task, layers)
+    return _fast_grad_fn(task, layers, factored=factored)
 
 
 # The fast path. Three passes over the model's Python code, all at trace
@@ -378,11 +385,30 @@ def _outer(a2: jax.Array, d2: jax.Array) -> jax.Array:
     return jnp.einsum("bmi,bmo->bio", a2, d2)
 
 
-def _dense_layer_flat(call: _Call, leaves: list, layer: Layer, a: jax.Array, delta: jax.Array) -> jax.Array | None:
-    """A Dense layer's flat per-example gradient [bias, kernel] (B, P_l) from one outer product.
+class OuterFactors(NamedTuple):
+    """A Dense layer's per-example gradients in factored form (see ``per_example_grad_fn(factored=True)``).
+
+    The flat gradient of example b ([bias, kernel], as ``task.flatten``
+    orders them) is ``sum_m outer(a[b, m], d[b, m]).reshape(-1)``: ``a`` is
+    the layer input with a leading 1 (for the bias), (B, M, 1 + I), and
+    ``d`` the cotangent of its output, (B, M, O); M = 1 unless the layer is
+    applied to a sequence or feature map.
+    """
+
+    a: jax.Array
+    d: jax.Array
+
+    def materialize(self) -> jax.Array:
+        """The flat per-example gradients (B, (1 + I) O)."""
+        return _outer(self.a, self.d).reshape(self.a.shape[0], -1)
+
+
+def _dense_layer_factors(call: _Call, leaves: list, layer: Layer, a: jax.Array,
+                         delta: jax.Array) -> OuterFactors | None:
+    """A Dense layer's per-example gradients [bias, kernel] as :class:`OuterFactors`, or None.
 
     Prepending a constant 1 to the input makes row 0 of the outer product the
-    bias gradient, so the layer vector is written once, with no concatenation.
+    bias gradient, so the layer vector is one outer product, with no concatenation.
     """
     names = call.leaves
     if not _is_plain_dense(call, leaves, a) or set(names) != {"bias", "kernel"}:
@@ -391,11 +417,10 @@ def _dense_layer_flat(call: _Call, leaves: list, layer: Layer, a: jax.Array, del
         return None
     a2 = a.reshape(a.shape[0], -1, a.shape[-1])
     d2 = delta.reshape(delta.shape[0], -1, delta.shape[-1])
-    a2 = jnp.concatenate([jnp.ones_like(a2[..., :1]), a2], axis=-1)
-    return _outer(a2, d2).reshape(a.shape[0], -1)
+    return OuterFactors(jnp.concatenate([jnp.ones_like(a2[..., :1]), a2], axis=-1), d2)
 
 
-def _fast_grad_fn(task: Task, layers: Sequence[Layer]) -> Callable:
+def _fast_grad_fn(task: Task, layers: Sequence[Layer], factored: bool = False) -> Callable:
     from flax import linen as nn
 
     wanted = sorted({i for layer in layers for i in layer.leaves})
@@ -437,9 +462,9 @@ def _fast_grad_fn(task: Task, layers: Sequence[Layer]) -> Callable:
             for layer in layers:
                 k = by_leaves.get(tuple(sorted(layer.leaves)))
                 if k is not None and all(owners[i] == 1 for i in layer.leaves):
-                    g = _dense_layer_flat(plan[k], leaves, layer, inputs[k], deltas[k])
+                    g = _dense_layer_factors(plan[k], leaves, layer, inputs[k], deltas[k])
                     if g is not None:
-                        flat[layer.name] = g
+                        flat[layer.name] = g if factored else g.materialize()
                         active[k] = False
             for k, call in enumerate(plan):
                 if not active[k]:

@@ -100,6 +100,39 @@ def test_batched_and_local_step_paths_agree(setup):
     np.testing.assert_allclose(two.x, one.x, atol=1e-4)
 
 
+def _cosine_distance(task, result, targets, weights):
+    """1 - cos of the weighted, concatenated layer updates, from gradients computed one victim at a time."""
+    out = []
+    for v in range(result.x.shape[0]):
+        g = grads.layer_grads(task, result.x[v], result.labels[v])
+        dot = uu = tt = 0.0
+        for name, w in weights.items():
+            u, t = g[name].astype(np.float64).mean(axis=0), targets[name][v].astype(np.float64)
+            dot, uu, tt = dot + w * u @ t, uu + w * u @ u, tt + w * t @ t
+        out.append(1.0 - dot / np.sqrt(uu * tt))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("model,batch", [("mlp", 1), ("mlp", 2), ("mlp", 9), ("lenet", 1)])
+def test_ig_matching_loss_is_the_cosine_distance_of_the_updates(digits, model, batch):
+    # IG computes the Dense layers' <u, t> and ||u||^2 from factors (input, output cotangent)
+    # without forming u (for B = 9 the last MLP layer's update is formed instead); the loss
+    # it reports must equal the cosine distance of explicitly computed updates.
+    task = Task.init(model, digits, seed=0, activation="sigmoid" if model == "mlp" else "relu")
+    cu = grads.client_updates(task, digits.x[:60], digits.y[:60], batch_size=batch, num_updates=2, seed=2)
+    labels = digits.y[:60][grads.client_batches(60, batch_size=batch, num_updates=2, seed=2)]
+    res = attacks.invert(task, cu.updates, method="ig", restarts=2, steps=3, batch_size=batch, labels=labels)
+    want = _cosine_distance(task, res, cu.updates, {name: 1.0 for name in task.layer_names})
+    assert np.all(want > 1e-3)
+    np.testing.assert_allclose(res.loss, want, rtol=2e-4)
+    # One layer at a time the cosine can be within 1e-3 of 1, where a float32 cosine is only
+    # good to a few units of 2^-24 in absolute terms: hence atol (8 such units) besides rtol.
+    per_layer = attacks.invert_layers(task, cu.updates, restarts=2, steps=3, batch_size=batch, labels=labels)
+    for name, r in per_layer.items():
+        np.testing.assert_allclose(r.loss, _cosine_distance(task, r, cu.updates, {name: 1.0}), rtol=2e-4,
+                                   atol=8 * 2.0 ** -24, err_msg=name)
+
+
 def test_label_recovery_is_exact(setup, digits):
     task, *_ = setup
     n = 300
