@@ -59,6 +59,9 @@ _DEFAULTS = {
     "dlg": {"lr": 0.1, "tv": 0.0, "signed": False, "box": False},
 }
 DEFAULT_STEPS = 1000
+# Convolutions in the attack whose patch matrix has at most this many floats
+# run as one matrix product (jaxleak.grads.canonical_convs).
+_PATCH_FLOATS = 2 ** 20
 
 
 class InversionResult(NamedTuple):
@@ -380,8 +383,10 @@ def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: in
                 match = matching(params, z, targets, labels, weights, hyper)
                 return jnp.sum(match + hyper["tv"] * total_variation(z["x"])), match
 
-            # Convolutions inside the scan must be in XLA's fast CPU layout (see canonical_convs).
-            value_and_grad = canonical_convs(jax.value_and_grad(objective, has_aux=True))
+            # Convolutions inside the scan must be in XLA's fast CPU layout, and small ones
+            # are faster as one matrix product over patches (see canonical_convs).
+            value_and_grad = canonical_convs(jax.value_and_grad(objective, has_aux=True),
+                                             patch_floats=_PATCH_FLOATS)
 
             def body(carry, _):
                 z, opt_state = carry

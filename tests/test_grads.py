@@ -235,6 +235,42 @@ def test_canonical_convs_keep_values_and_give_xla_cpu_layouts_inside_loops():
     assert labels == {"b01f_01io->b01f"}, labels
 
 
+@pytest.mark.parametrize("spec", [
+    dict(dn=("NCHW", "OIHW", "NCHW"), strides=(2, 1), padding=[(1, 2), (0, 1)], rhs_dilation=(1, 2),
+         x=(2, 3, 7, 6), k=(4, 3, 3, 2)),
+    dict(dn=("NHWC", "HWIO", "NHWC"), strides=(1, 1), padding="SAME", rhs_dilation=(1, 1),
+         x=(3, 4, 4, 2), k=(5, 5, 2, 3)),  # kernel larger than the map (XLA swaps operands)
+    dict(dn=("NWC", "WIO", "NWC"), strides=(1,), padding=[(-1, 2)], rhs_dilation=(2,), x=(2, 9, 2), k=(3, 2, 3)),
+    dict(dn=("NDHWC", "DHWIO", "NDHWC"), strides=(1, 2, 1), padding="VALID", rhs_dilation=(1, 1, 1),
+         x=(1, 4, 5, 4, 2), k=(2, 3, 2, 2, 3)),
+])
+def test_patch_convolutions_equal_xla_convolutions(spec):
+    # canonical_convs(patch_floats=...) computes small convolutions as patches @ kernel,
+    # including every convolution differentiation creates (input dilation excepted: those stay).
+    def conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, spec["strides"], spec["padding"], rhs_dilation=spec["rhs_dilation"],
+                                            dimension_numbers=spec["dn"])
+
+    def step(x, k):
+        gk = jax.grad(lambda k: jnp.sum(jnp.tanh(conv(x, k)) ** 2))(k)
+        return jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, gk))))(x)
+
+    rng = np.random.default_rng(1)
+    with float64():
+        x, k = jnp.asarray(rng.normal(size=spec["x"])), jnp.asarray(rng.normal(size=spec["k"]))
+        want = np.asarray(quick_jit(step, x, k)(x, k))
+        got = np.asarray(quick_jit(grads.canonical_convs(step, patch_floats=2 ** 20), x, k)(x, k))
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12 * np.max(np.abs(want)))
+        hlo = jax.jit(grads.canonical_convs(step, patch_floats=2 ** 20)).lower(x, k).compile().as_text()
+        kept = jax.jit(grads.canonical_convs(step, patch_floats=1)).lower(x, k).compile().as_text()
+    count = lambda text: sum(" convolution(" in line for line in text.splitlines())  # noqa: E731
+    assert count(kept) >= 3
+    if all(s == 1 for s in spec["strides"]):
+        assert count(hlo) == 0, hlo
+    else:
+        assert count(hlo) < count(kept)
+
+
 # ---------------------------------------------------------------- layer_grads API
 
 
