@@ -505,10 +505,15 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
         its validation loss for this many steps (None: run all steps). Each
         member keeps the parameters of its best validation step either way.
       min_gain_se: keep a fold's chosen member only if its validation loss
-        beats the ignorant predictor's by more than this many standard
-        errors of the paired per-example difference; otherwise the fold is
-        scored by the ignorant predictor (``chosen = -1``). None keeps the
-        chosen member always.
+        beats the ignorant predictor's by more than z standard errors of
+        the paired per-example difference; otherwise the fold is scored by
+        the ignorant predictor (``chosen = -1``). ``min_gain_se`` is z for a
+        single member; with M members the best of M is tested, so z is
+        raised to keep the same one-sided false-pass rate for the family
+        (Bonferroni: z = Phi^-1(1 - (1 - Phi(min_gain_se)) / M), 2.0 -> 2.9
+        for 12 members). A lower gate let chance winners through, whose
+        held-out loss then fell below the null's (negative estimates on
+        pure noise). None keeps the chosen member always.
       target_dim: regression: a target of more than this many dimensions is
         decoded in the span of each fold's top ``target_dim`` principal
         directions of its training targets (the decoders predict the
@@ -670,7 +675,7 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     at_start = np.take_along_axis(best_step, chosen[..., None], axis=2)[..., 0] == 0
     chosen[at_start] = -1
     if min_gain_se is not None:
-        chosen[~(gain > min_gain_se * gain_se)] = -1
+        chosen[~(gain > gate_z(min_gain_se, len(members)) * gain_se)] = -1
     rows = np.arange(n)
     use = chosen[:, split.fold_of] >= 0  # (L, N)
     heldout_loss = np.where(use, loss_c[:, split.fold_of, rows], null_fold_loss[split.fold_of, rows][None])
@@ -685,6 +690,13 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     return EnsembleFit(members, val, best_step, np.asarray(member_test), chosen, gain, gain_se, heldout_loss,
                        heldout_pred, null_fold_loss[split.fold_of, rows], null_pred, done, mix, target_basis,
                        target_mean, np.asarray(split.fold_of))
+
+
+def gate_z(min_gain_se: float, members: int) -> float:
+    """The validation gate in standard errors for the best of ``members`` (Bonferroni; see fit_ensemble)."""
+    from scipy.stats import norm
+
+    return float(norm.isf(norm.sf(min_gain_se) / max(1, members)))
 
 
 # Prior weights tried when a classifier's held-out probabilities are mixed with the prior.

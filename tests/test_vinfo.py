@@ -130,6 +130,39 @@ def test_member_selection_never_reads_held_out_targets():
     assert not np.any(split.test & (split.train | split.val))
 
 
+def test_validation_gate_controls_chance_winners_on_noise():
+    """On features independent of the target, the best of M = 12 members passes the gate at most at
+    the one-sided rate of the single-member z (Bonferroni over the members), and no layer's held-out
+    estimate falls below zero; a gate of z = 2 for the best of 12 (the pre-Bonferroni rule) lets
+    chance winners through, whose held-out loss is worse than the null's."""
+    from scipy.stats import norm
+
+    assert ensemble.gate_z(2.0, 1) == pytest.approx(2.0)
+    assert ensemble.gate_z(2.0, 12) == pytest.approx(2.895, abs=1e-3)
+    unadjusted = float(norm.isf(norm.sf(2.0) * 12))  # gate_z(unadjusted, 12) == 2.0
+    assert ensemble.gate_z(unadjusted, 12) == pytest.approx(2.0)
+    members = ensemble.make_members(("linear", "mlp"), (1e-4, 1e-3, 1e-2, 1e-1), seeds=2, hidden=32)
+    passed = {"family": 0, "unadjusted": 0}
+    lowest = {"family": 0.0, "unadjusted": 0.0}
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(10, 256, 200)).astype(np.float32)
+        y = rng.integers(0, 2, 256).astype(np.int32)
+        split = ensemble.cross_fit_split(256, 3, seed=seed, strata=y)
+        for gate, z in (("family", 2.0), ("unadjusted", unadjusted)):
+            fit = ensemble.fit_ensemble(x, y, split, members, kind="classification", num_classes=2, steps=150,
+                                        min_gain_se=z)
+            passed[gate] += int(np.sum(fit.chosen >= 0))
+            gain_bits = (fit.null_loss[None] - fit.heldout_loss).mean(axis=1) / math.log(2)
+            lowest[gate] = min(lowest[gate], float(gain_bits.min()))
+    # 120 gated folds: at most ~0.023 * 120 = 2.7 expected to pass by chance under the family-wise gate
+    assert passed["family"] <= 2, passed
+    assert lowest["family"] >= 0.0, lowest
+    # the unadjusted gate passes more, and those winners lose on held-out data (the test can fail)
+    assert passed["unadjusted"] > passed["family"], passed
+    assert lowest["unadjusted"] < 0.0, lowest
+
+
 def test_confident_mistakes_cost_at_most_the_prior_mixture_bound():
     """A held-out example far out on the wrong side costs a bounded loss, not hundreds of nats."""
     rng = np.random.default_rng(11)
