@@ -325,14 +325,20 @@ def _conv_kernel_grads(a, delta, config):
     """
     size, strides, dil, padding = config
     a = jnp.pad(a, ((0, 0), *padding, (0, 0)))
-    out_sp = delta.shape[1:-1]
-    taps = []
+    taps = [jnp.einsum("b...c,b...o->bco", view, delta)
+            for view in _tap_views(a, size, strides, dil, delta.shape[1:-1])]
+    return jnp.stack(taps, axis=1).reshape(a.shape[0], *size, a.shape[-1], delta.shape[-1])
+
+
+def _tap_views(padded: jax.Array, size, strides, dil, out_sp) -> list[jax.Array]:
+    """For each kernel tap (row-major), the strided view (N, *out_sp, C) of a padded input that it meets."""
+    views = []
     for tap in np.ndindex(*size):
         start = (0, *(t * d for t, d in zip(tap, dil)), 0)
-        limit = (a.shape[0], *(s + (o - 1) * st + 1 for s, o, st in zip(start[1:-1], out_sp, strides)), a.shape[-1])
-        view = jax.lax.slice(a, start, limit, (1, *strides, 1))
-        taps.append(jnp.einsum("b...c,b...o->bco", view, delta))
-    return jnp.stack(taps, axis=1).reshape(a.shape[0], *size, a.shape[-1], delta.shape[-1])
+        limit = (padded.shape[0], *(b + (o - 1) * s + 1 for b, o, s in zip(start[1:-1], out_sp, strides)),
+                 padded.shape[-1])
+        views.append(jax.lax.slice(padded, start, limit, (1, *strides, 1)))
+    return views
 
 
 def _module_grads(call: _Call, leaves: list, a: jax.Array, delta: jax.Array) -> dict[int, jax.Array]:
@@ -635,13 +641,7 @@ def _patch_conv(lhs: jax.Array, rhs: jax.Array, params: dict, patch_floats: int)
     taps = int(np.prod(size))
     if min(out_sp) < 1 or lhs.shape[0] * int(np.prod(out_sp)) * taps * lhs.shape[-1] > patch_floats:
         return None
-    views = []
-    for tap in np.ndindex(*size):
-        start = (0, *(t * d for t, d in zip(tap, dil)), 0)
-        limit = (padded.shape[0], *(b + (o - 1) * s + 1 for b, o, s in zip(start[1:-1], out_sp, strides)),
-                 padded.shape[-1])
-        views.append(jax.lax.slice(padded, start, limit, (1, *strides, 1)))
-    patches = jnp.stack(views, axis=-2).reshape(-1, taps * lhs.shape[-1])
+    patches = jnp.stack(_tap_views(padded, size, strides, dil, out_sp), axis=-2).reshape(-1, taps * lhs.shape[-1])
     out = jnp.dot(patches, rhs.reshape(taps * rhs.shape[-2], rhs.shape[-1]), precision=params.get("precision"))
     return out.reshape(lhs.shape[0], *out_sp, rhs.shape[-1])
 
