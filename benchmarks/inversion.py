@@ -9,8 +9,8 @@ random image and compared.
 
 Timed in one process with interleaved repetitions (jaxleak R=1, jaxleak
 R=8, PyTorch R=1 with and without oneDNN, and the first-order floor at 1
-and 8 inputs in JAX and PyTorch: forward pass + input gradient only, see
-``jax_floor``); compilation is excluded (one warm-up call each).
+and 8 inputs in JAX (with the attack's convolutions and with XLA's only) and
+PyTorch: forward pass + input gradient only, see ``jax_floor``); compilation is excluded (one warm-up call each).
 Reported: median seconds per call, restart-iterations per second, the cost
 of 8 restarts relative to 1 (goal <= 2.5x; from the jaxleak-only phase)
 and the speed per restart-iteration of jaxleak (8 restarts) over the
@@ -136,13 +136,15 @@ def torch_ig(module, forward, x_true, y_true, *, steps, lr, tv, seed):
     return x.detach().numpy()
 
 
-def jax_floor(task: Task, x1: np.ndarray, y1: np.ndarray, steps: int, restarts: int):
+def jax_floor(task: Task, x1: np.ndarray, y1: np.ndarray, steps: int, restarts: int, patch_floats: int):
     """The first-order floor: ``steps`` signed-gradient steps on the plain loss w.r.t. ``restarts`` inputs.
 
     One forward pass and one input gradient per step and restart, no
     parameter gradients and no second-order pass: a strict part of what
     any gradient-matching attack does, so its cost at 8 inputs over 1 bounds
     the restart-cost ratio an IG implementation on the same convolutions can reach.
+    ``patch_floats``: as in the attack (small convolutions as patch products), or 0
+    (XLA's convolutions only).
     """
     x = jnp.asarray(np.repeat(x1, restarts, axis=0))
     y = jnp.asarray(np.repeat(y1, restarts, axis=0))
@@ -150,7 +152,7 @@ def jax_floor(task: Task, x1: np.ndarray, y1: np.ndarray, steps: int, restarts: 
     def loss(x):
         return jnp.sum(task.loss_fn(task.apply_fn(task.params, x), y))
 
-    step_grad = grads.canonical_convs(jax.grad(loss))
+    step_grad = grads.canonical_convs(jax.grad(loss), patch_floats=patch_floats)
     run = jax.jit(lambda x: jax.lax.scan(lambda c, _: (c - 0.01 * jnp.sign(step_grad(c)), None), x, None,
                                          length=steps)[0])
     return lambda: run(x).block_until_ready()
@@ -219,8 +221,10 @@ def case(name: str, model: str, activation: str, size: int, steps: int, reps: in
         "jaxleak_r8": (lambda: run_jax(8), 8, steps),
         "torch_r1": (lambda: run_torch(False, steps), 1, steps),
         "torch_r1_mkldnn": (lambda: run_torch(True, slow_steps), 1, slow_steps),
-        "floor_jax_r1": (jax_floor(task, x, y, steps, 1), 1, steps),
-        "floor_jax_r8": (jax_floor(task, x, y, steps, 8), 8, steps),
+        "floor_jax_r1": (jax_floor(task, x, y, steps, 1, attacks._PATCH_FLOATS), 1, steps),
+        "floor_jax_r8": (jax_floor(task, x, y, steps, 8, attacks._PATCH_FLOATS), 8, steps),
+        "floor_xlaconv_r1": (jax_floor(task, x, y, steps, 1, 0), 1, steps),
+        "floor_xlaconv_r8": (jax_floor(task, x, y, steps, 8, 0), 8, steps),
         "floor_torch_r1": (torch_floor(module, forward, x, y, steps, 1), 1, steps),
         "floor_torch_r8": (torch_floor(module, forward, x, y, steps, 8), 8, steps),
     }
@@ -229,7 +233,8 @@ def case(name: str, model: str, activation: str, size: int, steps: int, reps: in
     # threads, which spin for a while after each call, would otherwise slow whichever
     # jaxleak call follows), then jaxleak R=8 against PyTorch (the peer goal).
     phases = {
-        "restarts": ["jaxleak_r1", "jaxleak_r8", "floor_jax_r1", "floor_jax_r8"],
+        "restarts": ["jaxleak_r1", "jaxleak_r8", "floor_jax_r1", "floor_jax_r8", "floor_xlaconv_r1",
+                     "floor_xlaconv_r8"],
         "peer": ["jaxleak_r8", "torch_r1", "torch_r1_mkldnn", "floor_torch_r1", "floor_torch_r8"],
     }
     times, loads = {}, {}
@@ -263,6 +268,8 @@ def case(name: str, model: str, activation: str, size: int, steps: int, reps: in
         "restart_iterations_per_s": rate,
         "cost_8_vs_1_restart": med["restarts/jaxleak_r8"] / med["restarts/jaxleak_r1"],
         "first_order_floor_8_vs_1": {"jax": med["restarts/floor_jax_r8"] / med["restarts/floor_jax_r1"],
+                                     "jax_xla_convolutions_only": (med["restarts/floor_xlaconv_r8"]
+                                                                   / med["restarts/floor_xlaconv_r1"]),
                                      "torch": med["peer/floor_torch_r8"] / med["peer/floor_torch_r1"]},
         "torch_compared": best_torch,
         "speedup_per_restart_iteration_vs_torch": {
@@ -300,6 +307,7 @@ def main() -> None:
               f"speed/restart-iter vs torch: R8 {c['speedup_per_restart_iteration_vs_torch']['jaxleak_r8']:.2f}x "
               f"R1 {c['speedup_per_restart_iteration_vs_torch']['jaxleak_r1']:.2f}x  "
               f"floor 8/1 jax {c['first_order_floor_8_vs_1']['jax']:.2f}x "
+              f"(XLA convs {c['first_order_floor_8_vs_1']['jax_xla_convolutions_only']:.2f}x) "
               f"torch {c['first_order_floor_8_vs_1']['torch']:.2f}x  "
               f"objective jax {c['objective_at_probe']['jaxleak']:.6f} torch {c['objective_at_probe']['torch']:.6f}  "
               f"psnr {c['psnr_db_after_warmup_run']}")
