@@ -59,8 +59,9 @@ _DEFAULTS = {
     "dlg": {"lr": 0.1, "tv": 0.0, "signed": False, "box": False},
 }
 DEFAULT_STEPS = 1000
-# Convolutions in the attack whose patch matrix has at most this many floats
-# run as one matrix product (jaxleak.grads.canonical_convs).
+# Convolutions in the attack, and per-example conv kernel gradients, whose
+# patch matrix has at most this many floats run as one matrix product
+# (jaxleak.grads.canonical_convs and per_example_grad_fn).
 _PATCH_FLOATS = 2 ** 20
 
 
@@ -297,7 +298,8 @@ def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: in
             # IG needs only <u, t> and ||u||^2, which Dense layers give from
             # their factors; DLG's ||u - t||^2 is formed from u itself (as
             # ||u||^2 - 2<u, t> + ||t||^2 it would cancel once u is close to t).
-            per_example = per_example_grad_fn(loss_task, sel, factored=method == "ig")
+            per_example = per_example_grad_fn(loss_task, sel, factored=method == "ig",
+                                              conv_patch_floats=_PATCH_FLOATS)
 
             def run_updates(params, x, y, local_lr):
                 n = x.shape[0]

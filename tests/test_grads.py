@@ -117,7 +117,9 @@ class OddModel(nn.Module):
         return nn.Dense(3)(x)
 
 
-def test_user_linen_model_with_awkward_layers_matches_loop():
+@pytest.mark.parametrize("patch_floats", [2 ** 22, 0], ids=["patch-matrix", "per-tap"])
+def test_user_linen_model_with_awkward_layers_matches_loop(patch_floats):
+    # both formulations of the per-example conv kernel gradient (conv_patch_floats)
     shape = (11, 11, 2)
     module = OddModel()
     variables = module.init(jax.random.key(1), jnp.zeros((1, *shape)))
@@ -131,7 +133,8 @@ def test_user_linen_model_with_awkward_layers_matches_loop():
                for call in plan)  # the tied Dense is still fast (its two calls are summed)
     with float64():
         params, x64 = to64(task.params), jnp.asarray(x, jnp.float64)
-        got = quick_jit(grads.per_example_grad_fn(task, task.layers), params, x64, y)(params, x64, y)
+        fn = grads.per_example_grad_fn(task, task.layers, conv_patch_floats=patch_floats)
+        got = quick_jit(fn, params, x64, y)(params, x64, y)
         assert_layers_close(got, loop_reference(task, params, x64, y))
 
 
