@@ -339,19 +339,17 @@ def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: in
             for i, name in enumerate(names):
                 ti = targets[name]
                 wi = weights[:, i][:, None, None]
-                if isinstance(u[name], OuterFactors):
-                    dot, uu = _factored_products(u[name], ti, runs)
+                if method == "ig":
+                    if isinstance(u[name], OuterFactors):
+                        dot, uu = _factored_products(u[name], ti, runs)
+                    else:
+                        ui = u[name].reshape(*runs, -1)
+                        dot, uu = jnp.einsum("mvrp,vp->mvr", ui, ti), jnp.einsum("mvrp,mvrp->mvr", ui, ui)
                     total["dot"] += wi * dot
                     total["uu"] += wi * uu
                     total["tt"] += wi * jnp.einsum("vp,vp->v", ti, ti)[None, :, None]
-                    continue
-                ui = u[name].reshape(*runs, -1)
-                if method == "ig":
-                    total["dot"] += wi * jnp.einsum("mvrp,vp->mvr", ui, ti)
-                    total["uu"] += wi * jnp.einsum("mvrp,mvrp->mvr", ui, ui)
-                    total["tt"] += wi * jnp.einsum("vp,vp->v", ti, ti)[None, :, None]
                 else:
-                    diff = ui - ti[None, :, None, :]
+                    diff = u[name].reshape(*runs, -1) - ti[None, :, None, :]
                     total["sq"] += wi * jnp.einsum("mvrp,mvrp->mvr", diff, diff)
             if method == "ig":
                 return 1.0 - total["dot"] / jnp.maximum(jnp.sqrt(total["uu"]) * jnp.sqrt(total["tt"]), 1e-30)
