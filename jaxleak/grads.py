@@ -655,12 +655,13 @@ def _patch_conv(lhs: jax.Array, rhs: jax.Array, params: dict, patch_floats: int)
     if params.get("preferred_element_type") not in (None, lhs.dtype) or lhs.dtype != rhs.dtype:
         return None
     size, strides, dil = rhs.shape[:-2], tuple(params["window_strides"]), tuple(params["rhs_dilation"])
-    padded = jax.lax.pad(lhs, jnp.zeros((), lhs.dtype),
-                         ((0, 0, 0), *((lo, hi, 0) for lo, hi in params["padding"]), (0, 0, 0)))
-    out_sp = tuple((p - d * (k - 1) - 1) // s + 1 for p, k, s, d in zip(padded.shape[1:-1], size, strides, dil))
+    spatial = [n + lo + hi for n, (lo, hi) in zip(lhs.shape[1:-1], params["padding"])]
+    out_sp = tuple((p - d * (k - 1) - 1) // s + 1 for p, k, s, d in zip(spatial, size, strides, dil))
     taps = int(np.prod(size))
     if min(out_sp) < 1 or lhs.shape[0] * int(np.prod(out_sp)) * taps * lhs.shape[-1] > patch_floats:
         return None
+    padded = jax.lax.pad(lhs, jnp.zeros((), lhs.dtype),
+                         ((0, 0, 0), *((lo, hi, 0) for lo, hi in params["padding"]), (0, 0, 0)))
     patches = jnp.stack(_tap_views(padded, size, strides, dil, out_sp), axis=-2).reshape(-1, taps * lhs.shape[-1])
     out = jnp.dot(patches, rhs.reshape(taps * rhs.shape[-2], rhs.shape[-1]), precision=params.get("precision"))
     return out.reshape(lhs.shape[0], *out_sp, rhs.shape[-1])
