@@ -163,6 +163,34 @@ def single_split(n: int, *, test_fraction: float = 0.2, val_fraction: float = 0.
     return Split(train, val, test, np.zeros(n, np.int32))
 
 
+def attacker_split(n_victims: int, n_aux: int, *, val_fraction: float = 0.2, seed: int = 0,
+                   strata: np.ndarray | None = None) -> Split:
+    """The attacker's split (F = 1): rows ``[0, n_victims)`` are the victims, scored once; the ``n_aux`` rows
+    after them are the attacker's auxiliary data, split into training and validation (``val_fraction``,
+    stratified by ``strata``, the aux rows' classes, when given). No victim row trains or selects."""
+    if n_victims < 1:
+        raise InputError(f"there must be at least one victim, got {n_victims}")
+    if not 0 < val_fraction < 1:
+        raise InputError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    n_val = int(math.floor(n_aux * val_fraction))
+    if n_aux - n_val < 2 or n_val < 2:
+        raise InputError(f"{n_aux} auxiliary examples are too few to train and validate attack models; "
+                         f"give at least {int(math.ceil(4 / min(val_fraction, 1 - val_fraction)))}")
+    n = n_victims + n_aux
+    rng = np.random.default_rng(seed)
+    aux = _stratified_order(np.arange(n_victims, n), None if strata is None else
+                            np.concatenate([np.zeros(n_victims, np.int64), np.asarray(strata)]), rng)
+    pos = np.arange(aux.size)
+    is_val = np.floor((pos + 1) * val_fraction) > np.floor(pos * val_fraction)
+    train = np.zeros((1, n), bool)
+    val = np.zeros((1, n), bool)
+    test = np.zeros((1, n), bool)
+    test[0, :n_victims] = True
+    val[0, aux[is_val]] = True
+    train[0, aux[~is_val]] = True
+    return Split(train, val, test, np.zeros(n, np.int32))
+
+
 class EnsembleFit(NamedTuple):
     """What :func:`fit_ensemble` returns (L layers, F folds, M members, N examples, K outputs).
 
@@ -180,30 +208,33 @@ class EnsembleFit(NamedTuple):
       member_test_loss: (L, F, M) mean held-out loss of every member, for
         diagnostics only (selection never reads it).
       chosen: (L, F) index of the member chosen in each fold (lowest
-        validation loss), or -1 where that member is the ignorant predictor
-        (kept at step 0) or did not beat it on validation by ``min_gain_se``
-        standard errors.
+        validation loss; always a trained member).
       val_gain: (L, F) validation loss of the ignorant predictor minus that of
         the lowest-validation member (per example, target units).
       val_gain_se: (L, F) standard error of that paired difference.
-      heldout_loss: (L, N) loss of example i under the chosen member (or the
-        ignorant predictor) of the fold that held it out.
-      heldout_pred: (L, N, K) that member's prediction: class probabilities
+      heldout_loss: (L, S) loss of scored row ``rows[i]`` under the chosen
+        member of the fold that held it out (S = the rows held out in some
+        fold: all N under cross-fitting, the victims under an attacker split).
+      heldout_pred: (L, S, K) that member's prediction: class probabilities
         (mixed with the prior, see ``mix``), or the reconstruction in the
         target's units, or its principal-component coefficients when the
         target was reduced (``target_basis``; :meth:`decode` maps them back).
-      null_loss: (N,) loss of the ignorant predictor of i's fold (smoothed
+      null_loss: (S,) loss of the ignorant predictor of the row's fold (smoothed
         class frequencies, or the training mean).
-      null_pred: (N, K) its prediction.
+      null_pred: (S, K) its prediction.
       steps_run: optimisation steps taken (less than asked when every member
         stopped improving for ``patience`` steps).
       mix: (L, F) classification: weight of the prior in the held-out
         prediction ``(1 - mix) p_member + mix p_prior``, chosen on validation
-        rows from ``MIX_WEIGHTS``; 0 where the fold is scored by the prior.
+        rows from ``MIX_WEIGHTS``.
       target_basis: (F, D, r) regression with a reduced target: each fold's
         top-r principal directions of its training targets; else None.
       target_mean: (F, D) regression: each fold's training mean; else None.
-      fold_of: (N,) the fold that held out each example.
+      fold_of: (S,) the fold that held out each scored row.
+      rows: (S,) indices of the scored rows.
+      row_loss: (L, F, N) loss of every row under each fold's chosen member
+        (after prior mixing); its validation rows are the selection's own
+        criterion in target units.
     """
 
     members: tuple[Member, ...]
@@ -222,6 +253,8 @@ class EnsembleFit(NamedTuple):
     target_basis: np.ndarray | None = None
     target_mean: np.ndarray | None = None
     fold_of: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    row_loss: np.ndarray | None = None
 
     def decode(self, pred: np.ndarray) -> np.ndarray:
         """(N, r) principal-component coefficients -> (N, D) reconstructions (identity when not reduced)."""
@@ -373,7 +406,9 @@ def _segment(state: _State, data: dict, num_steps, spec: _Spec) -> _State:
 
     def body(layer, s: _State) -> _State:
         (_, vals), grads = jax.value_and_grad(_total, has_aux=True)(s.params, spec, data, layer)
-        better = {f: vals[f] < s.best_val[f] for f in vals}
+        # Step 0 is the ignorant starting point; every member is selected from its trained steps, so an
+        # estimate is always the held-out gain of a real attack model, never a copy of the null.
+        better = {f: (vals[f] < s.best_val[f]) & (s.step > 0) for f in vals}
         best_params = {f: jax.tree.map(lambda n, o, b=better[f]: where_better(b, n, o), s.params[f], s.best_params[f])
                        for f in vals}
         best_val = {f: jnp.where(better[f], vals[f], s.best_val[f]) for f in vals}
@@ -485,10 +520,111 @@ def _check_split(split: Split, n: int) -> None:
         raise InputError(f"split.fold_of must have shape ({n},), got {fold_of.shape}")
 
 
+def _family_groups(members: tuple[Member, ...]) -> list[list]:
+    """[family, hidden, count] per family, checking that members come grouped by family."""
+    families: list[list] = []
+    for mem in members:
+        if families and families[-1][0] == mem.family:
+            families[-1][2] += 1
+        elif any(f[0] == mem.family for f in families):
+            raise InputError("members must be grouped by family (as make_members returns them)")
+        else:
+            families.append([mem.family, mem.hidden, 1])
+    if any(mem.hidden != families[[f[0] for f in families].index(mem.family)][1] for mem in members):
+        raise InputError("all MLP members must have the same hidden width")
+    return families
+
+
+class _Targets(NamedTuple):
+    """What the members predict and the null that they are measured against (host arrays)."""
+
+    data: dict  # device arrays for the compiled pieces (targets, scales, clipping range)
+    b0: np.ndarray  # (F, K) the null's output bias: every member starts as the ignorant predictor
+    null_loss: np.ndarray  # (F, N) every row under each fold's null
+    null_pred: np.ndarray  # (F, K) each fold's null prediction
+    basis: np.ndarray | None
+    mean: np.ndarray | None
+
+
+def _classification_targets(target, keep: np.ndarray, num_classes: int) -> _Targets:
+    y = np.asarray(target).astype(np.int32)
+    k, num_f, n = int(num_classes), keep.shape[0], y.size
+    counts = keep.sum(axis=1)
+    freq = np.stack([np.bincount(y[keep[f]], minlength=k) for f in range(num_f)]).astype(np.float64)
+    prior = (freq + 1.0) / (counts[:, None] + k)  # Laplace-smoothed training frequencies
+    b0 = np.log(prior)
+    if k == 2:  # one output: the logit of class 1 against class 0
+        b0 = b0[:, 1:] - b0[:, :1]
+    data = {"y": jnp.asarray(y), "t_train": jnp.broadcast_to(jnp.asarray(y), (num_f, n))}
+    return _Targets(data, b0, -np.log(prior[:, y]), prior, None, None)
+
+
+def _regression_targets(target, keep: np.ndarray, target_dim: int | None) -> _Targets:
+    num_f = keep.shape[0]
+    n = keep.shape[1]
+    t = np.asarray(target, np.float64).reshape(n, -1)
+    dims = t.shape[1]
+    counts = keep.sum(axis=1)
+    t_mean = np.stack([t[keep[f]].mean(axis=0) for f in range(num_f)])
+    null_loss = np.stack([np.sum(np.square(t - t_mean[f]), axis=1) for f in range(num_f)])
+    basis = None
+    if target_dim is not None and dims > target_dim:
+        r = int(min(target_dim, counts.min()))
+        basis = np.stack([_principal_directions(t[keep[f]] - t_mean[f], r) for f in range(num_f)])
+        out_t = np.stack([(t - t_mean[f]) @ basis[f] for f in range(num_f)])  # (F, N, r) coefficients
+        resid = np.maximum(null_loss - np.sum(np.square(out_t), axis=2), 0.0)
+        # the coefficients' own scale (the unexplained residual is not the decoders' to fit)
+        t_scale = np.sqrt(np.stack([np.square(out_t[f, keep[f]]).mean() for f in range(num_f)]))
+        out_mean = np.zeros((num_f, r))
+    else:
+        out_t = np.broadcast_to(t, (num_f, n, dims))
+        resid = np.zeros((num_f, n))
+        t_scale = np.sqrt(np.stack([t[keep[f]].var(axis=0).mean() for f in range(num_f)]))
+        out_mean = t_mean
+    # out_t: what the decoders predict (the target, or its coefficients), with its fold means out_mean
+    t_scale = np.where(t_scale > 0, t_scale, 1.0)
+    data = {
+        "t": jnp.asarray(out_t, jnp.float32),
+        "t_mean": jnp.asarray(out_mean, jnp.float32),
+        "t_train": jnp.asarray((out_t - out_mean[:, None]) / t_scale[:, None, None], jnp.float32),
+        "t_lo": jnp.asarray(np.stack([out_t[f, keep[f]].min(axis=0) for f in range(num_f)]), jnp.float32),
+        "t_hi": jnp.asarray(np.stack([out_t[f, keep[f]].max(axis=0) for f in range(num_f)]), jnp.float32),
+        "t_resid": jnp.asarray(resid, jnp.float32),
+        "t_scale": jnp.asarray(t_scale, jnp.float32),
+    }
+    return _Targets(data, np.zeros((num_f, out_t.shape[2])), null_loss, out_mean, basis, t_mean)
+
+
+def _train(state: _State, data: dict, spec: _Spec, steps: int, segment: int, patience: int | None,
+           progress: bool) -> tuple[_State, int]:
+    """Run the compiled segments until the step budget is spent or every member has stalled."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=int(steps), desc="attack ensemble", unit="step", leave=False)
+    done = 0
+    try:
+        while done < steps:
+            count = min(segment, steps - done)
+            state = _segment_jit(state, data, jnp.int32(count), spec=spec)
+            done += count
+            if bar is not None:
+                bar.update(count)
+            if patience is not None:
+                last = state.step[:, None, None] - 1
+                if all(bool(jnp.all(last - s > patience)) for s in state.best_step.values()):
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+    return state, done
+
+
 def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members: Sequence[Member], *,
                  kind: str, num_classes: int | None = None, widths: np.ndarray | None = None, steps: int = 300,
-                 lr: float = 0.05, patience: int | None = 100, min_gain_se: float | None = 2.0,
-                 target_dim: int | None = None, segment: int | None = None, progress: bool = False) -> EnsembleFit:
+                 lr: float = 0.05, patience: int | None = 100, target_dim: int | None = None,
+                 segment: int | None = None, progress: bool = False) -> EnsembleFit:
     """Train every member on every layer and fold at once; select per fold by validation loss; score held out.
 
     Args:
@@ -497,32 +633,30 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
         a column is irrelevant.
       target: (N,) int classes in [0, num_classes) for ``kind='classification'``,
         or (N, D) floats for ``kind='regression'``.
-      split: cross-fitting roles (:func:`cross_fit_split`, :func:`single_split`).
+      split: roles of the rows (:func:`cross_fit_split`, :func:`single_split`,
+        :func:`attacker_split`). Only rows held out in some fold are scored.
       members: ensemble members (:func:`make_members`), grouped by family.
       widths: (L,) true width of each layer before padding (default W).
-      steps: step budget of full-batch Adam at learning rate ``lr``.
+      steps: step budget of full-batch Adam at learning rate ``lr`` (>= 2).
       patience: stop early once no member of any layer or fold has improved
         its validation loss for this many steps (None: run all steps). Each
-        member keeps the parameters of its best validation step either way.
-      min_gain_se: keep a fold's chosen member only if its validation loss
-        beats the ignorant predictor's by more than z standard errors of
-        the paired per-example difference; otherwise the fold is scored by
-        the ignorant predictor (``chosen = -1``). ``min_gain_se`` is z for a
-        single member; with M members the best of M is tested, so z is
-        raised to keep the same one-sided false-pass rate for the family
-        (Bonferroni: z = Phi^-1(1 - (1 - Phi(min_gain_se)) / M), 2.0 -> 2.9
-        for 12 members). A lower gate let chance winners through, whose
-        held-out loss then fell below the null's (negative estimates on
-        pure noise). None keeps the chosen member always.
+        member keeps the parameters of its best validation step after at
+        least one update.
       target_dim: regression: a target of more than this many dimensions is
         decoded in the span of each fold's top ``target_dim`` principal
         directions of its training targets (the decoders predict the
         coefficients, standardised by their mean variance; the residual
-        outside the span counts fully as error, and the null is unchanged), which bounds the decoders' size for
-        image targets. The family is then restricted, so the information is
-        a lower bound of the unrestricted family's. None: never reduce.
+        outside the span counts fully as error, and the null is unchanged),
+        which bounds the decoders' size for image targets. The family is then
+        restricted, so the information is a lower bound of the unrestricted
+        family's. None: never reduce.
       segment: steps per compiled segment (progress and stopping are checked
         between segments); default max(10, steps // 20).
+
+    Selection: per layer and fold, the member (and its step) with the lowest
+    validation loss. It is always a trained model, never the ignorant
+    predictor, and no gate replaces it by the null: a weak attack shows as a
+    small or negative held-out gain with an honest interval, not as an exact 0.
 
     Regression: every decoder's output is clipped to the range its fold's
     training targets (or, for a reduced target, their coefficients) span, so
@@ -549,154 +683,72 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     _check_split(split, n)
     if kind not in (CLASSIFICATION, REGRESSION):
         raise InputError(f"kind must be {CLASSIFICATION!r} or {REGRESSION!r}, got {kind!r}")
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise InputError(f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(steps, (int, np.integer)) or steps < 2:
+        raise InputError(f"steps must be an integer >= 2 (members are selected after at least one update), "
+                         f"got {steps!r}")
     if not (math.isfinite(lr) and lr > 0):
         raise InputError(f"lr must be a positive number, got {lr!r}")
-    members = tuple(members)
-    families = []
-    for mem in members:
-        if families and families[-1][0] == mem.family:
-            families[-1][2] += 1
-        elif any(f[0] == mem.family for f in families):
-            raise InputError("members must be grouped by family (as make_members returns them)")
-        else:
-            families.append([mem.family, mem.hidden, 1])
-    if any(mem.hidden != families[[f[0] for f in families].index(mem.family)][1] for mem in members):
-        raise InputError("all MLP members must have the same hidden width")
     if target_dim is not None and (not isinstance(target_dim, (int, np.integer)) or target_dim < 1):
         raise InputError(f"target_dim must be a positive integer or None, got {target_dim!r}")
+    members = tuple(members)
+    families = _family_groups(members)
     widths = np.full(num_l, width) if widths is None else np.asarray(widths)
     num_f = split.train.shape[0]
     keep = split.train | split.val
     mu, inv_sd = _fold_standardisation(x, keep)
+    targets = (_classification_targets(target, keep, num_classes) if kind == CLASSIFICATION
+               else _regression_targets(target, keep, target_dim))
 
     data = {"x": jnp.asarray(x), "xt": jnp.asarray(np.ascontiguousarray(x.transpose(0, 2, 1))),
             "mu": jnp.asarray(mu), "inv_sd": jnp.asarray(inv_sd),
             "train": jnp.asarray(split.train), "val": jnp.asarray(split.val), "test": jnp.asarray(split.test),
-            "fold_of": jnp.asarray(split.fold_of, jnp.int32), "lr": jnp.float32(lr),
-            "wd": {}}
+            "fold_of": jnp.asarray(split.fold_of, jnp.int32), "lr": jnp.float32(lr), "steps": jnp.float32(steps),
+            "wd": {}, **targets.data}
     start = 0
     for family, _, m in families:
         data["wd"][family] = jnp.asarray([mem.weight_decay for mem in members[start:start + m]], jnp.float32)
         start += m
-    counts = keep.sum(axis=1)
-    target_basis = target_mean = None
-    if kind == CLASSIFICATION:
-        y = np.asarray(target).astype(np.int32)
-        k = int(num_classes)
-        freq = np.stack([np.bincount(y[keep[f]], minlength=k) for f in range(num_f)]).astype(np.float64)
-        prior = (freq + 1.0) / (counts[:, None] + k)  # Laplace-smoothed training frequencies
-        b0 = np.log(prior)
-        if k == 2:  # one output: the logit of class 1 against class 0
-            b0 = b0[:, 1:] - b0[:, :1]
-        null_fold_pred = prior
-        null_fold_loss = -np.log(prior[:, y])  # (F, N): every row under each fold's null
-        data["y"] = jnp.asarray(y)
-        data["t_train"] = jnp.broadcast_to(data["y"], (num_f, n))
-    else:
-        t = np.asarray(target, np.float64).reshape(n, -1)
-        dims = t.shape[1]
-        target_mean = t_mean = np.stack([t[keep[f]].mean(axis=0) for f in range(num_f)])
-        null_fold_loss = np.stack([np.sum(np.square(t - t_mean[f]), axis=1) for f in range(num_f)])
-        if target_dim is not None and dims > target_dim:
-            r = int(min(target_dim, counts.min()))
-            target_basis = np.stack([_principal_directions(t[keep[f]] - t_mean[f], r) for f in range(num_f)])
-            out_t = np.stack([(t - t_mean[f]) @ target_basis[f] for f in range(num_f)])  # (F, N, r) coefficients
-            resid = np.maximum(null_fold_loss - np.sum(np.square(out_t), axis=2), 0.0)
-            # the coefficients' own scale (the unexplained residual is not the decoders' to fit)
-            t_scale = np.sqrt(np.stack([np.square(out_t[f, keep[f]]).mean() for f in range(num_f)]))
-            out_mean = np.zeros((num_f, r))
-        else:
-            out_t = np.broadcast_to(t, (num_f, n, dims))
-            resid = np.zeros((num_f, n))
-            t_scale = np.sqrt(np.stack([t[keep[f]].var(axis=0).mean() for f in range(num_f)]))
-            out_mean = t_mean
-        # out_t: what the decoders predict (the target, or its coefficients), with its fold means out_mean
-        t_scale = np.where(t_scale > 0, t_scale, 1.0)
-        k = out_t.shape[2]
-        null_fold_pred = out_mean
-        b0 = np.zeros((num_f, k))
-        data["t"] = jnp.asarray(out_t, jnp.float32)
-        data["t_mean"] = jnp.asarray(out_mean, jnp.float32)
-        data["t_train"] = jnp.asarray((out_t - out_mean[:, None]) / t_scale[:, None, None], jnp.float32)
-        data["t_lo"] = jnp.asarray(np.stack([out_t[f, keep[f]].min(axis=0) for f in range(num_f)]), jnp.float32)
-        data["t_hi"] = jnp.asarray(np.stack([out_t[f, keep[f]].max(axis=0) for f in range(num_f)]), jnp.float32)
-        data["t_resid"] = jnp.asarray(resid, jnp.float32)
-        data["t_scale"] = jnp.asarray(t_scale, jnp.float32)
-
     spec = _Spec(kind, tuple((f, int(h), int(m)) for f, h, m in families))
-    params = _init_params(spec, members, widths, (num_l, num_f), width, b0.shape[1], b0)
-    data["steps"] = jnp.float32(steps)
+    params = _init_params(spec, members, widths, (num_l, num_f), width, targets.b0.shape[1], targets.b0)
     opt_state = jax.vmap(_optimizer(data["lr"], data["steps"]).init)(params)
     shape = lambda m: (num_l, num_f, m)  # noqa: E731
     state = _State(params, opt_state, jax.tree.map(jnp.copy, params),  # distinct buffers: the state is donated
                    {f: jnp.full(shape(m), jnp.inf, jnp.float32) for f, _, m in spec.families},
                    {f: jnp.zeros(shape(m), jnp.int32) for f, _, m in spec.families}, jnp.zeros(num_l, jnp.int32))
+    state, done = _train(state, data, spec, int(steps), int(segment or max(10, steps // 20)), patience, progress)
+    return _select_and_score(state, data, spec, split, members, targets, done)
 
-    segment = int(segment or max(10, steps // 20))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=int(steps), desc="attack ensemble", unit="step", leave=False)
-    done = 0
-    try:
-        while done < steps:
-            count = min(segment, steps - done)
-            state = _segment_jit(state, data, jnp.int32(count), spec=spec)
-            done += count
-            if bar is not None:
-                bar.update(count)
-            if patience is not None:
-                last = state.step[:, None, None] - 1
-                stalled = all(bool(jnp.all(last - s > patience)) for s in state.best_step.values())
-                if stalled:
-                    break
-    finally:
-        if bar is not None:
-            bar.close()
-
+def _select_and_score(state: _State, data: dict, spec: _Spec, split: Split, members: tuple[Member, ...],
+                      targets: _Targets, steps_run: int) -> EnsembleFit:
+    """Each fold's member with the lowest validation loss, its validation gain, and the scored rows' losses."""
     member_test, chosen, loss_c, pred_c = _score_jit(state.best_params, state.best_val, data, spec=spec)
     chosen = np.array(chosen)
     loss_c = np.asarray(loss_c, np.float64)
+    num_l, num_f = chosen.shape
     mix = None
-    if kind == CLASSIFICATION:
-        mix, loss_c = _mix_with_prior(loss_c, null_fold_loss, split.val)
+    if spec.kind == CLASSIFICATION:
+        mix, loss_c = _mix_with_prior(loss_c, targets.null_loss, split.val)
     # Validation gain of each fold's chosen member over the ignorant predictor, paired per example.
     gain = np.zeros((num_l, num_f))
     gain_se = np.zeros((num_l, num_f))
     for f in range(num_f):
-        diff = null_fold_loss[f, split.val[f]][None] - loss_c[:, f, split.val[f]]
+        diff = targets.null_loss[f, split.val[f]][None] - loss_c[:, f, split.val[f]]
         gain[:, f] = diff.mean(axis=1)
         gain_se[:, f] = diff.std(axis=1, ddof=1) / math.sqrt(diff.shape[1]) if diff.shape[1] > 1 else np.inf
     best_step = np.concatenate([np.asarray(state.best_step[f]) for f, _, _ in spec.families], axis=2)
-    # A member kept at step 0 is the ignorant predictor itself (up to float32 rounding of its bias).
-    at_start = np.take_along_axis(best_step, chosen[..., None], axis=2)[..., 0] == 0
-    chosen[at_start] = -1
-    if min_gain_se is not None:
-        chosen[~(gain > gate_z(min_gain_se, len(members)) * gain_se)] = -1
-    rows = np.arange(n)
-    use = chosen[:, split.fold_of] >= 0  # (L, N)
-    heldout_loss = np.where(use, loss_c[:, split.fold_of, rows], null_fold_loss[split.fold_of, rows][None])
-    null_pred = null_fold_pred[split.fold_of]
-    pred_c = np.asarray(pred_c, np.float64)
+    rows = np.flatnonzero(np.asarray(split.test).any(axis=0))  # the scored rows, each under its own fold
+    fold_of = np.asarray(split.fold_of)[rows]
+    heldout_loss = loss_c[:, fold_of, rows]
+    null_pred = targets.null_pred[fold_of]
+    pred_c = np.asarray(pred_c, np.float64)[:, rows]
     if mix is not None:
-        mix = np.where(chosen >= 0, mix, 0.0)
-        w = mix[:, split.fold_of][..., None]  # (L, N, 1)
+        w = mix[:, fold_of][..., None]  # (L, N, 1)
         pred_c = (1.0 - w) * pred_c + w * null_pred[None]
-    heldout_pred = np.where(use[..., None], pred_c, null_pred[None])
     val = np.concatenate([np.asarray(state.best_val[f]) for f, _, _ in spec.families], axis=2)
     return EnsembleFit(members, val, best_step, np.asarray(member_test), chosen, gain, gain_se, heldout_loss,
-                       heldout_pred, null_fold_loss[split.fold_of, rows], null_pred, done, mix, target_basis,
-                       target_mean, np.asarray(split.fold_of))
-
-
-def gate_z(min_gain_se: float, members: int) -> float:
-    """The validation gate in standard errors for the best of ``members`` (Bonferroni; see fit_ensemble)."""
-    from scipy.stats import norm
-
-    return float(norm.isf(norm.sf(min_gain_se) / max(1, members)))
+                       pred_c, targets.null_loss[fold_of, rows], null_pred, steps_run, mix, targets.basis,
+                       targets.mean, fold_of, rows, loss_c)
 
 
 # Prior weights tried when a classifier's held-out probabilities are mixed with the prior.

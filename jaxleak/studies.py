@@ -426,7 +426,7 @@ def _grad_norm_scores(g2: Mapping[str, np.ndarray]) -> LayerScores:
 
 
 def _subspace_scores(features, z, y, permutations: int, seed: int, sketched: Mapping[str, int]) -> LayerScores:
-    from jaxleak.subspace import balanced_groups, subspace_distance_from_grams
+    from jaxleak.subspace import balanced_groups, p_floor_note, subspace_distance_from_grams, with_verdicts
 
     index, group = balanced_groups(z, seed=seed, strata=y)
     scores = {}
@@ -438,9 +438,11 @@ def _subspace_scores(features, z, y, permutations: int, seed: int, sketched: Map
         res.pop("null")
         res["gram_source"] = "count-sketch" if name in sketched else "exact"
         scores[name] = Score(value, None, res)
-    return LayerScores("subspace_distance", scores, unit="dimensionless", meta={
+    return LayerScores("subspace_distance", with_verdicts(scores), unit="dimensionless", meta={
         "definition": "D_l = sqrt(mean_i sin^2 theta_i) between the update subspaces of z[victim] = 0 and 1",
         "signal": "excess = D_l - permutation null mean", "permutations": int(permutations),
+        "detected": "Holm-adjusted p-value over layers (p_holm) below 0.05",
+        "p_floor": p_floor_note(int(permutations), len(scores)),
         "stratified_by_label": True, "sketched_layers": dict(sketched)}, rank_by="excess")
 
 
