@@ -25,7 +25,8 @@ class LeakageMonitor:
     """Per-layer leakage measures on a fixed probe set, every ``every`` steps.
 
     Call ``monitor(step, params)`` in the training loop: with a Linen/optax
-    loop pass ``state.params``; with an NNX loop pass the module itself. On
+    loop pass ``state.params``; with an NNX loop pass the module itself
+    (whether the monitor was given the module or ``Task.from_nnx(module)``). On
     steps that are not a multiple of ``every`` the call returns ``None`` at
     once and touches nothing. Compiled code is built on the first measured
     step and reused: later steps never retrace.
@@ -97,7 +98,9 @@ class LeakageMonitor:
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
     def _params_of(self, params):
-        if self._nnx and _is_nnx_module(params):
+        # An NNX module stands for its Param state, whether the monitor was
+        # given the module itself or a Task made from it by Task.from_nnx.
+        if _is_nnx_module(params):
             from flax import nnx
 
             return nnx.to_pure_dict(nnx.state(params, nnx.Param))

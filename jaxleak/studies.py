@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import os
 import time
@@ -60,6 +59,10 @@ from jaxleak import io
 from jaxleak.errors import InputError, JaxleakError, UnknownNameError
 from jaxleak.run import check_resume
 from jaxleak.scores import LayerScores, Score
+from jaxleak.setting import Setting
+from jaxleak.setting import load_part as _load
+from jaxleak.setting import part_path as _part
+from jaxleak.setting import trained as _trained
 from jaxleak.task import Task
 
 SCHEMA = "jaxleak.results/1"
@@ -460,18 +463,6 @@ def _vinfo_scores(features, target, config: StudyConfig, sketched: Mapping[str, 
 
 # ---------------------------------------------------------------- settings
 
-@dataclasses.dataclass
-class Setting:
-    """One point of a study: its key, the knobs, and how to build the measured model."""
-
-    key: str
-    params: dict
-    defense: Any = None
-    batch_size: int = 1
-    local_steps: int = 1
-    epochs: int | None = None
-
-
 def settings(config: StudyConfig) -> list[Setting]:
     """The settings of ``config.study``, in order."""
     b, k = config.update_batch_size, config.update_local_steps
@@ -522,34 +513,6 @@ def _context(config: StudyConfig) -> _Context:
         raise InputError(f"the held-out pool has {pool.n} examples, fewer than the largest batch size")
     return _Context(config, dataset, pool.x, pool.y, pool.latent.get(config.latent), train_set.x, train_set.y,
                     eval_set.x, eval_set.y)
-
-
-def _trained(ctx: _Context, setting: Setting) -> tuple[Task, dict]:
-    """The model measured in ``setting`` (trained with its defence) and its training facts."""
-    from jaxleak.train import accuracy, train
-
-    config = ctx.config
-    epochs = config.epochs if setting.epochs is None else setting.epochs
-    defense = setting.defense if config.study == "defenses" else None
-    key = (epochs, defense)
-    if key in ctx.tasks:
-        return ctx.tasks[key]
-    options = {**config.model_options, **defenses_lib.model_options(defense)}
-    task = Task.init(config.model, ctx.dataset, config.seed, **options)
-    result = train(task, ctx.train_x, ctx.train_y, epochs=epochs, batch_size=config.batch_size, lr=config.lr,
-                   seed=config.seed, defense=defense)
-    batch = int(min(config.batch_size, ctx.train_x.shape[0]))
-    steps = epochs * (ctx.train_x.shape[0] // batch)
-    info = {"epochs": epochs, "train_loss": result.losses, "test_accuracy": accuracy(result.task, ctx.eval_x, ctx.eval_y),
-            "train_examples": int(ctx.train_x.shape[0]), "eval_examples": int(ctx.eval_x.shape[0])}
-    if isinstance(defense, defenses_lib.DP):
-        rate = batch / ctx.train_x.shape[0]
-        info["dp"] = {"epsilon": defenses_lib.dp_epsilon(defense.noise_multiplier, rate, steps, config.dp_delta),
-                      "delta": config.dp_delta, "sampling_rate": rate, "steps": steps,
-                      "noise_multiplier": defense.noise_multiplier, "clip_norm": defense.clip_norm,
-                      "accountant": "rdp, Poisson-subsampled Gaussian (dp_accounting)"}
-    ctx.tasks[key] = (result.task, info)
-    return ctx.tasks[key]
 
 
 def _undefined_reason(measure: str, defense) -> str | None:
@@ -627,10 +590,6 @@ def headline(measure: str, layer_entry: Mapping) -> float | None:
     return None if v is None else float(v)
 
 
-def _part(out: str, setting: str, measure: str) -> str:
-    return os.path.join(out, "parts", setting, f"{measure}.json")
-
-
 def run_study(config: StudyConfig, *, out: str | None = None, resume: bool = False, progress: bool = True,
               on_part: Callable[[str, str], None] | None = None) -> dict:
     """Run a study and write its directory; returns results.json's content.
@@ -689,13 +648,6 @@ def run_study(config: StudyConfig, *, out: str | None = None, resume: bool = Fal
         write_report(out, title=f"jaxleak study: {config.study} ({config.model} on {ctx.dataset.name})")
     results["out"] = out
     return results
-
-
-def _load(path: str) -> dict | None:
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
 
 
 def _run_settings(ctx: _Context, out: str, resume: bool, progress: bool, on_part) -> dict:
