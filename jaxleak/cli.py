@@ -165,6 +165,10 @@ def _add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed of everything random; default 0")
     p.add_argument("--n", type=int, help="held-out examples the victims and batches are drawn from; default 256")
     p.add_argument("--num-updates", type=int, help="client updates measured per setting; default n")
+    p.add_argument("--aux-n", type=int,
+                   help="the attacker's auxiliary examples, from which it simulates updates of the same B and K to "
+                        "train the V-information attack models; 0 = cross-fit over the victims' updates; "
+                        "default 2048 or all that are left")
     p.add_argument("--epochs", help="training epochs before measuring (default 5); for `study training` a "
                                     "comma-separated list of stages, default 0,1,5")
     p.add_argument("--lr", type=float, help="training learning rate (Adam); default 3e-3")
@@ -172,10 +176,11 @@ def _add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent", help="latent attribute; default thickness")
     p.add_argument("--measures", help=f"comma-separated measures; default all of {list(studies.MEASURES)}")
     p.add_argument("--probes", type=int, help="Hutchinson probes for sensitivity; default 8")
-    p.add_argument("--permutations", type=int, help="permutations for the subspace null; default 20")
+    p.add_argument("--permutations", type=int, help="permutations for the subspace null; default 100")
     p.add_argument("--sketch-dim", type=int, help="width of update sketches; default 1024")
     p.add_argument("--vinfo-steps", type=int, help="V-information ensemble training steps; default 150")
-    p.add_argument("--vinfo-folds", type=int, help="V-information cross-fitting folds; default 3")
+    p.add_argument("--vinfo-folds", type=int,
+                   help="V-information cross-fitting folds when there is no auxiliary data; default 3")
     p.add_argument("--vinfo-boot", type=int, help="V-information bootstrap resamples; default 200")
     p.add_argument("--local-lr", type=float, help="clients' SGD learning rate eta; default 0.01")
     p.add_argument("--batch-sizes", type=_int_list, help="aggregation: client batch sizes B; default 1,2,4,8,16,32")
@@ -194,7 +199,7 @@ def _add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-_STUDY_FLAGS = ("dataset", "model", "seed", "n", "num_updates", "lr", "batch_size", "latent", "measures", "probes",
+_STUDY_FLAGS = ("dataset", "model", "seed", "n", "aux_n", "num_updates", "lr", "batch_size", "latent", "measures", "probes",
                 "permutations", "sketch_dim", "vinfo_steps", "vinfo_folds", "vinfo_boot", "local_lr", "batch_sizes",
                 "local_steps", "dp_delta", "update_batch_size", "update_local_steps", "attack_victims",
                 "attack_steps", "attack_restarts")

@@ -93,16 +93,23 @@ def make_members(family: Sequence[str] = FAMILIES, weight_decays: Sequence[float
 
 
 class Split(NamedTuple):
-    """Cross-fitting roles of N examples in F folds, boolean ``(F, N)`` each.
+    """Roles of N examples in F folds, boolean ``(F, N)`` each.
 
-    In every fold the three masks are disjoint; ``fold_of[i]`` is the fold
-    whose model scores example i (each example is held out exactly once).
+    In every fold the three masks are disjoint. Cross-fitting
+    (``shared=False``): ``fold_of[i]`` is the fold whose model scores example
+    i (each example is held out exactly once) and each fold selects its own
+    member. The attacker's split (``shared=True``, :func:`attacker_split`):
+    the test rows (the victims) are the same in every fold, the folds are a
+    cross-validation of the auxiliary rows, one member is selected by its
+    pooled out-of-fold loss, and a victim is scored by the average of the
+    F fold models' predictions.
     """
 
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
     fold_of: np.ndarray
+    shared: bool = False
 
 
 def _stratified_order(index: np.ndarray, strata: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
@@ -163,32 +170,29 @@ def single_split(n: int, *, test_fraction: float = 0.2, val_fraction: float = 0.
     return Split(train, val, test, np.zeros(n, np.int32))
 
 
-def attacker_split(n_victims: int, n_aux: int, *, val_fraction: float = 0.2, seed: int = 0,
+def attacker_split(n_victims: int, n_aux: int, folds: int = 5, *, seed: int = 0,
                    strata: np.ndarray | None = None) -> Split:
-    """The attacker's split (F = 1): rows ``[0, n_victims)`` are the victims, scored once; the ``n_aux`` rows
-    after them are the attacker's auxiliary data, split into training and validation (``val_fraction``,
-    stratified by ``strata``, the aux rows' classes, when given). No victim row trains or selects."""
+    """The attacker's split: rows ``[0, n_victims)`` are the victims, the ``n_aux`` rows after them the
+    attacker's auxiliary data, cross-validated in ``folds`` folds (stratified by ``strata``, the aux rows'
+    classes, when given). The victims are the test rows of every fold: no victim trains or selects."""
     if n_victims < 1:
         raise InputError(f"there must be at least one victim, got {n_victims}")
-    if not 0 < val_fraction < 1:
-        raise InputError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-    n_val = int(math.floor(n_aux * val_fraction))
-    if n_aux - n_val < 2 or n_val < 2:
-        raise InputError(f"{n_aux} auxiliary examples are too few to train and validate attack models; "
-                         f"give at least {int(math.ceil(4 / min(val_fraction, 1 - val_fraction)))}")
+    if not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise InputError(f"folds must be an integer >= 2 (cross-validation inside the auxiliary data), got {folds!r}")
+    if n_aux < 3 * folds:
+        raise InputError(f"{n_aux} auxiliary examples are too few to train and validate attack models in {folds} "
+                         f"folds; give at least {3 * folds}")
     n = n_victims + n_aux
     rng = np.random.default_rng(seed)
     aux = _stratified_order(np.arange(n_victims, n), None if strata is None else
                             np.concatenate([np.zeros(n_victims, np.int64), np.asarray(strata)]), rng)
-    pos = np.arange(aux.size)
-    is_val = np.floor((pos + 1) * val_fraction) > np.floor(pos * val_fraction)
-    train = np.zeros((1, n), bool)
-    val = np.zeros((1, n), bool)
-    test = np.zeros((1, n), bool)
-    test[0, :n_victims] = True
-    val[0, aux[is_val]] = True
-    train[0, aux[~is_val]] = True
-    return Split(train, val, test, np.zeros(n, np.int32))
+    fold = np.full(n, -1)
+    fold[aux] = np.arange(aux.size) % folds
+    val = fold[None, :] == np.arange(folds)[:, None]
+    train = (fold[None, :] >= 0) & ~val
+    test = np.zeros((folds, n), bool)
+    test[:, :n_victims] = True
+    return Split(train, val, test, np.zeros(n, np.int32), True)
 
 
 class EnsembleFit(NamedTuple):
@@ -208,7 +212,9 @@ class EnsembleFit(NamedTuple):
       member_test_loss: (L, F, M) mean held-out loss of every member, for
         diagnostics only (selection never reads it).
       chosen: (L, F) index of the member chosen in each fold (lowest
-        validation loss; always a trained member).
+        validation loss; always a trained member), or M for the average of
+        the M members' predictions (a mixture of attack models, itself a
+        member of the family).
       val_gain: (L, F) validation loss of the ignorant predictor minus that of
         the lowest-validation member (per example, target units).
       val_gain_se: (L, F) standard error of that paired difference.
@@ -232,9 +238,9 @@ class EnsembleFit(NamedTuple):
       target_mean: (F, D) regression: each fold's training mean; else None.
       fold_of: (S,) the fold that held out each scored row.
       rows: (S,) indices of the scored rows.
-      row_loss: (L, F, N) loss of every row under each fold's chosen member
-        (after prior mixing); its validation rows are the selection's own
-        criterion in target units.
+      val_row_loss: (L, N) out-of-fold loss of each row under the chosen
+        member of the fold it validates in (after prior mixing; NaN for rows
+        that never validate), the selection's own criterion in target units.
     """
 
     members: tuple[Member, ...]
@@ -254,7 +260,7 @@ class EnsembleFit(NamedTuple):
     target_mean: np.ndarray | None = None
     fold_of: np.ndarray | None = None
     rows: np.ndarray | None = None
-    row_loss: np.ndarray | None = None
+    val_row_loss: np.ndarray | None = None
 
     def decode(self, pred: np.ndarray) -> np.ndarray:
         """(N, r) principal-component coefficients -> (N, D) reconstructions (identity when not reduced)."""
@@ -272,6 +278,7 @@ class _Spec(NamedTuple):
 
     kind: str
     families: tuple[tuple[str, int, int], ...]  # (family, hidden, number of members)
+    shared: bool = False  # the attacker's split: one member for all folds, victims scored by the fold average
 
 
 class _State(NamedTuple):
@@ -366,6 +373,24 @@ def _family_objective(kind, family, params, wd, x, xt, mu, inv_sd, t, train, val
 
 # ---------------------------------------------------------------- the compiled pieces
 
+# Width up to which a layer's attack models train at the full learning rate (see layer_lr).
+LR_REFERENCE_WIDTH = 16
+
+
+def layer_lr(lr: float, widths) -> np.ndarray:
+    """Per-layer Adam learning rate: ``lr * min(1, sqrt(16 / width))``.
+
+    Adam moves every weight by about ``lr`` per step whatever its gradient,
+    so a linear member's output moves by about ``lr * sqrt(width)`` on
+    standardised features: on a 1024-wide sketch the full rate overfits
+    within a couple of steps, before the weak directions that carry the
+    signal have been found. Scaling by ``1 / sqrt(width)`` keeps the step in
+    output space the same for every width.
+    """
+    widths = np.maximum(np.asarray(widths, np.float64), 1.0)
+    return lr * np.minimum(1.0, np.sqrt(LR_REFERENCE_WIDTH / widths))
+
+
 def _optimizer(lr, steps):
     """Adam with a cosine decay of the learning rate to zero over the step budget."""
     schedule = lambda count: lr * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(count, steps) / steps))  # noqa: E731
@@ -393,13 +418,12 @@ def _segment(state: _State, data: dict, num_steps, spec: _Spec) -> _State:
     once, not as an input and a stacked output copy.
     """
     TRACE_COUNTS["ensemble_segment"] += 1
-    opt = _optimizer(data["lr"], data["steps"])
 
     def where_better(better, new, old):
         return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new, old)
 
     def run_layer(index, full: _State) -> _State:
-        layer = {name: data[name][index] for name in ("x", "xt", "mu", "inv_sd")}
+        layer = {name: data[name][index] for name in ("x", "xt", "mu", "inv_sd", "lr")}
         s = jax.tree.map(lambda a: a[index], full)
         s = jax.lax.fori_loop(0, num_steps, lambda i, s_: body(layer, s_), s)
         return jax.tree.map(lambda a, v: a.at[index].set(v), full, s)
@@ -413,7 +437,7 @@ def _segment(state: _State, data: dict, num_steps, spec: _Spec) -> _State:
                        for f in vals}
         best_val = {f: jnp.where(better[f], vals[f], s.best_val[f]) for f in vals}
         best_step = {f: jnp.where(better[f], s.step, s.best_step[f]) for f in vals}
-        updates, opt_state = opt.update(grads, s.opt_state, s.params)
+        updates, opt_state = _optimizer(layer["lr"], data["steps"]).update(grads, s.opt_state, s.params)
         return _State(optax.apply_updates(s.params, updates), opt_state, best_params, best_val, best_step, s.step + 1)
 
     return jax.lax.fori_loop(0, data["x"].shape[0], run_layer, state)
@@ -435,21 +459,40 @@ def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):
             member = lambda p, mu_f, isd_f, fam=family: _apply(fam, p, x_l, None, mu_f, isd_f)  # noqa: E731
             outs.append(jax.vmap(jax.vmap(member, in_axes=(0, None, None)))(params_l[family], mu_l, isd_l))
         out = jnp.concatenate(outs, axis=1)  # (F, M, N, K)
+        val_rows = data["val"]
         if spec.kind == CLASSIFICATION:
-            out = _logits(out)
-            loss = optax.softmax_cross_entropy_with_integer_labels(out, jnp.broadcast_to(data["y"], out.shape[:-1]))
-            pred = jax.nn.softmax(out, axis=-1)
+            logits = _logits(out)
+            pred = jax.nn.softmax(logits, axis=-1)
+            # The average of the members' predictions is a member too (index M): a mixture of attack models.
+            pred = jnp.concatenate([pred, pred.mean(axis=1, keepdims=True)], axis=1)
+            labels = jnp.broadcast_to(data["y"], pred.shape[:-1])
+            loss = -jnp.log(jnp.maximum(jnp.take_along_axis(pred, labels[..., None], axis=-1)[..., 0], 1e-30))
+            val_avg = jax.vmap(_masked_mean)(loss[:, -1], val_rows)
         else:
+            out = jnp.concatenate([out, out.mean(axis=1, keepdims=True)], axis=1)
+            val_avg = jax.vmap(_masked_mean)(_train_loss(spec.kind, out[:, -1], data["t_train"]), val_rows)
             pred = data["t_mean"][:, None, None, :] + data["t_scale"][:, None, None, None] * out
             # outputs clipped to the fold's training range of the target (or of its coefficients)
             pred = jnp.clip(pred, data["t_lo"][:, None, None, :], data["t_hi"][:, None, None, :])
             loss = jnp.sum(jnp.square(pred - data["t"][:, None]), axis=-1) + data["t_resid"][:, None]
-        member_test = jax.vmap(jax.vmap(_masked_mean, in_axes=(0, None)))(loss, test)  # (F, M)
-        chosen = jnp.argmin(val_l, axis=1)  # (F,)
-        folds = jnp.arange(chosen.shape[0])
+        member_test = jax.vmap(jax.vmap(_masked_mean, in_axes=(0, None)))(loss[:, :-1], test)  # (F, M)
+        folds = jnp.arange(loss.shape[0])
+        if spec.shared:
+            # One member for every fold: the lowest pooled out-of-fold loss on the auxiliary rows (target units).
+            pooled = jnp.sum(jnp.where(val_rows[:, None], loss, 0.0), axis=(0, 2)) / jnp.sum(val_rows)
+            chosen = jnp.broadcast_to(jnp.argmin(pooled), folds.shape)
+            pred_rows = pred[folds, chosen].mean(axis=0)  # (N, K): the fold models' average
+            if spec.kind == CLASSIFICATION:
+                loss_rows = -jnp.log(jnp.maximum(jnp.take_along_axis(pred_rows, data["y"][:, None], axis=-1)[:, 0],
+                                                 1e-30))
+            else:
+                loss_rows = jnp.sum(jnp.square(pred_rows - data["t"][0]), axis=-1) + data["t_resid"][0]
+        else:
+            chosen = jnp.argmin(jnp.concatenate([val_l, val_avg[:, None]], axis=1), axis=1)  # (F,), M = average
+            pred_rows = pred[fold_of, chosen[fold_of], jnp.arange(n)]  # (N, K): each row under its own fold
+            loss_rows = loss[fold_of, chosen[fold_of], jnp.arange(n)]
         loss_c = loss[folds, chosen]  # (F, N): every row under each fold's chosen member
-        pred_c = pred[fold_of, chosen[fold_of], jnp.arange(n)]  # (N, K): each row under its own held-out fold
-        return member_test, chosen, loss_c, pred_c
+        return member_test, chosen, loss_c, pred_rows, loss_rows
 
     val = jnp.concatenate([best_val[f] for f, _, _ in spec.families], axis=2)
     return jax.lax.map(layer, (best_params, data["x"], data["mu"], data["inv_sd"], val))
@@ -637,7 +680,8 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
         :func:`attacker_split`). Only rows held out in some fold are scored.
       members: ensemble members (:func:`make_members`), grouped by family.
       widths: (L,) true width of each layer before padding (default W).
-      steps: step budget of full-batch Adam at learning rate ``lr`` (>= 2).
+      steps: step budget of full-batch Adam at learning rate ``lr`` (>= 2),
+        scaled per layer by :func:`layer_lr`.
       patience: stop early once no member of any layer or fold has improved
         its validation loss for this many steps (None: run all steps). Each
         member keeps the parameters of its best validation step after at
@@ -696,75 +740,103 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     num_f = split.train.shape[0]
     keep = split.train | split.val
     mu, inv_sd = _fold_standardisation(x, keep)
-    targets = (_classification_targets(target, keep, num_classes) if kind == CLASSIFICATION
-               else _regression_targets(target, keep, target_dim))
+    # Under the attacker's split every fold shares the auxiliary rows' null and target basis, so the fold
+    # models' predictions can be averaged.
+    stats_keep = np.broadcast_to(keep.any(axis=0), keep.shape) if split.shared else keep
+    targets = (_classification_targets(target, stats_keep, num_classes) if kind == CLASSIFICATION
+               else _regression_targets(target, stats_keep, target_dim))
 
     data = {"x": jnp.asarray(x), "xt": jnp.asarray(np.ascontiguousarray(x.transpose(0, 2, 1))),
             "mu": jnp.asarray(mu), "inv_sd": jnp.asarray(inv_sd),
             "train": jnp.asarray(split.train), "val": jnp.asarray(split.val), "test": jnp.asarray(split.test),
-            "fold_of": jnp.asarray(split.fold_of, jnp.int32), "lr": jnp.float32(lr), "steps": jnp.float32(steps),
+            "fold_of": jnp.asarray(split.fold_of, jnp.int32), "lr": jnp.asarray(layer_lr(lr, widths), jnp.float32),
+            "steps": jnp.float32(steps),
             "wd": {}, **targets.data}
     start = 0
     for family, _, m in families:
         data["wd"][family] = jnp.asarray([mem.weight_decay for mem in members[start:start + m]], jnp.float32)
         start += m
-    spec = _Spec(kind, tuple((f, int(h), int(m)) for f, h, m in families))
+    spec = _Spec(kind, tuple((f, int(h), int(m)) for f, h, m in families), bool(split.shared))
     params = _init_params(spec, members, widths, (num_l, num_f), width, targets.b0.shape[1], targets.b0)
-    opt_state = jax.vmap(_optimizer(data["lr"], data["steps"]).init)(params)
+    opt_state = jax.vmap(_optimizer(lr, data["steps"]).init)(params)  # Adam's state does not depend on lr
     shape = lambda m: (num_l, num_f, m)  # noqa: E731
     state = _State(params, opt_state, jax.tree.map(jnp.copy, params),  # distinct buffers: the state is donated
                    {f: jnp.full(shape(m), jnp.inf, jnp.float32) for f, _, m in spec.families},
                    {f: jnp.zeros(shape(m), jnp.int32) for f, _, m in spec.families}, jnp.zeros(num_l, jnp.int32))
-    state, done = _train(state, data, spec, int(steps), int(segment or max(10, steps // 20)), patience, progress)
+    state, done = _train(state, _training_rows(data, keep.any(axis=0)), spec, int(steps),
+                         int(segment or max(10, steps // 20)), patience, progress)
     return _select_and_score(state, data, spec, split, members, targets, done)
+
+
+def _training_rows(data: dict, rows: np.ndarray) -> dict:
+    """The data the training segments read, restricted to the rows that train or validate in some fold
+    (scoring-only rows, e.g. the victims of the attacker's split, never enter a training step)."""
+    if rows.all():
+        return data
+    index = jnp.asarray(np.flatnonzero(rows))
+    out = dict(data)
+    out["x"] = data["x"][:, index]
+    out["xt"] = data["xt"][:, :, index]
+    for key in ("train", "val", "t_train"):
+        out[key] = data[key][:, index]
+    return out
 
 
 def _select_and_score(state: _State, data: dict, spec: _Spec, split: Split, members: tuple[Member, ...],
                       targets: _Targets, steps_run: int) -> EnsembleFit:
     """Each fold's member with the lowest validation loss, its validation gain, and the scored rows' losses."""
-    member_test, chosen, loss_c, pred_c = _score_jit(state.best_params, state.best_val, data, spec=spec)
+    member_test, chosen, loss_c, pred_rows, loss_rows = _score_jit(state.best_params, state.best_val, data,
+                                                                   spec=spec)
     chosen = np.array(chosen)
     loss_c = np.asarray(loss_c, np.float64)
     num_l, num_f = chosen.shape
+    rows = np.flatnonzero(np.asarray(split.test).any(axis=0))  # the scored rows
+    fold_of = np.asarray(split.fold_of)[rows]
+    null_rows = targets.null_loss[fold_of, rows]
+    null_pred = targets.null_pred[fold_of]
+    pred = np.asarray(pred_rows, np.float64)[:, rows]
+    heldout_loss = np.asarray(loss_rows, np.float64)[:, rows]
     mix = None
     if spec.kind == CLASSIFICATION:
-        mix, loss_c = _mix_with_prior(loss_c, targets.null_loss, split.val)
+        mix, loss_c = _mix_with_prior(loss_c, targets.null_loss, split.val, pooled=split.shared)
+        w = mix[:, fold_of]  # (L, S)
+        heldout_loss = -np.logaddexp(np.log1p(-w) - heldout_loss, np.log(w) - null_rows[None])
+        pred = (1.0 - w[..., None]) * pred + w[..., None] * null_pred[None]
     # Validation gain of each fold's chosen member over the ignorant predictor, paired per example.
     gain = np.zeros((num_l, num_f))
     gain_se = np.zeros((num_l, num_f))
+    val_row_loss = np.full((num_l, split.val.shape[1]), np.nan)
     for f in range(num_f):
         diff = targets.null_loss[f, split.val[f]][None] - loss_c[:, f, split.val[f]]
         gain[:, f] = diff.mean(axis=1)
         gain_se[:, f] = diff.std(axis=1, ddof=1) / math.sqrt(diff.shape[1]) if diff.shape[1] > 1 else np.inf
+        val_row_loss[:, split.val[f]] = loss_c[:, f, split.val[f]]
     best_step = np.concatenate([np.asarray(state.best_step[f]) for f, _, _ in spec.families], axis=2)
-    rows = np.flatnonzero(np.asarray(split.test).any(axis=0))  # the scored rows, each under its own fold
-    fold_of = np.asarray(split.fold_of)[rows]
-    heldout_loss = loss_c[:, fold_of, rows]
-    null_pred = targets.null_pred[fold_of]
-    pred_c = np.asarray(pred_c, np.float64)[:, rows]
-    if mix is not None:
-        w = mix[:, fold_of][..., None]  # (L, N, 1)
-        pred_c = (1.0 - w) * pred_c + w * null_pred[None]
     val = np.concatenate([np.asarray(state.best_val[f]) for f, _, _ in spec.families], axis=2)
     return EnsembleFit(members, val, best_step, np.asarray(member_test), chosen, gain, gain_se, heldout_loss,
-                       pred_c, targets.null_loss[fold_of, rows], null_pred, steps_run, mix, targets.basis,
-                       targets.mean, fold_of, rows, loss_c)
+                       pred, null_rows, null_pred, steps_run, mix, targets.basis, targets.mean, fold_of, rows,
+                       val_row_loss)
 
 
 # Prior weights tried when a classifier's held-out probabilities are mixed with the prior.
-MIX_WEIGHTS = (1e-3, 1e-2, 3e-2, 0.1, 0.3)
+MIX_WEIGHTS = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 0.6, 0.9)
 
 
-def _mix_with_prior(loss_c: np.ndarray, null_loss: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _mix_with_prior(loss_c: np.ndarray, null_loss: np.ndarray, val: np.ndarray,
+                    pooled: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per (layer, fold), the prior weight with the lowest validation loss, and every row's mixed loss.
 
     loss_c: (L, F, N) -log p of each row under each fold's chosen member;
     null_loss: (F, N) -log prior; val: (F, N) validation rows (the only rows
-    that choose the weight).
+    that choose the weight). ``pooled``: one weight per layer, chosen on the
+    validation rows of all folds together (the attacker's split).
     """
     weights = np.asarray(MIX_WEIGHTS)[:, None, None, None]
     mixed = -np.logaddexp(np.log1p(-weights) - loss_c[None], np.log(weights) + -null_loss[None, None])
     val_loss = np.stack([mixed[:, :, f, val[f]].mean(axis=-1) for f in range(val.shape[0])], axis=-1)  # (W, L, F)
+    if pooled:
+        counts = val.sum(axis=1).astype(np.float64)
+        val_loss = np.broadcast_to((val_loss * counts).sum(axis=-1, keepdims=True) / counts.sum(), val_loss.shape)
     best = np.argmin(val_loss, axis=0)  # (L, F)
     mixed_c = np.take_along_axis(mixed, best[None, :, :, None], axis=0)[0]
     return np.asarray(MIX_WEIGHTS)[best], mixed_c

@@ -89,7 +89,8 @@ def _measure(ctx, task: Task, measure: str) -> dict:
         return subspace_distance(task, x, y, z, permutations=config.permutations, seed=config.seed).to_dict()
     from jaxleak.vinfo import v_information
 
-    return v_information(task, x, y, z, sketch_dim=config.sketch_dim, steps=config.vinfo_steps,
+    aux = (ctx.aux_x, ctx.aux_y, ctx.aux_z) if ctx.aux_info["n"] else None
+    return v_information(task, x, y, z, aux=aux, sketch_dim=config.sketch_dim, steps=config.vinfo_steps,
                          folds=config.vinfo_folds, n_boot=config.vinfo_boot, seed=config.seed).to_dict()
 
 

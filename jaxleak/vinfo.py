@@ -177,8 +177,12 @@ def _chosen_members(fit: ensemble.EnsembleFit, layer: int) -> tuple[str, list[st
     """Most frequent choice over folds, each fold's choice, and the step its parameters come from."""
     names, steps = [], []
     for f, m in enumerate(int(m) for m in fit.chosen[layer]):
-        names.append(fit.members[m].describe())
-        steps.append(int(fit.best_step[layer, f, m]))
+        if m == len(fit.members):
+            names.append(f"average of the {m} members")
+            steps.append(None)
+        else:
+            names.append(fit.members[m].describe())
+            steps.append(int(fit.best_step[layer, f, m]))
     best = Counter(names).most_common(1)[0][0]
     return best, names, steps
 
@@ -284,8 +288,7 @@ def _fit(arrays: list[np.ndarray], target, *, n_aux: int, aux_target, family, we
     kind, t, target_info = _target(t_all, n + n_aux)
     strata = t if kind == ensemble.CLASSIFICATION else None
     if n_aux:
-        split = ensemble.attacker_split(n, n_aux, val_fraction=val_fraction, seed=seed,
-                                        strata=None if strata is None else strata[n:])
+        split = ensemble.attacker_split(n, n_aux, folds, seed=seed, strata=None if strata is None else strata[n:])
     else:
         split = ensemble.cross_fit_split(n, folds, val_fraction=val_fraction, seed=seed, strata=strata)
     members = ensemble.make_members(family, weight_decays, seeds, hidden, seed)
@@ -320,8 +323,9 @@ def _scores(names: list[str], fitted: _Fitted, *, seed: int, n_boot: int, sketch
             score = _reconstruction_score(scored, t, _data_range(t), rng, n_boot)
         scores[name] = Score(score.value, score.ci, {**score.extras, "features": int(fitted.widths[i]),
                                                      "sketched_from": sketched.get(name)})
-    estimator = ("attack models trained and selected on the auxiliary examples' gradients, scored once on the "
-                 "victims'" if n_aux else
+    estimator = (f"attack models trained and selected on the auxiliary examples' gradients ({folds}-fold "
+                 f"cross-validation inside them: one member chosen by its pooled out-of-fold NLL), each victim "
+                 f"scored once by the average of the {folds} fold models" if n_aux else
                  f"{folds}-fold cross-fitted held-out NLL of the member with the lowest validation NLL")
     meta = {
         "target": kind, **fitted.target_info,
@@ -329,7 +333,7 @@ def _scores(names: list[str], fitted: _Fitted, *, seed: int, n_boot: int, sketch
         "aux_examples": int(n_aux),
         "victims": int(fit.rows.size),
         "members": [m.describe() for m in fitted.members] + (["inversion"] if white_box is not None else []),
-        "folds": 1 if n_aux else int(folds), "val_fraction": float(val_fraction), "steps": int(steps),
+        "folds": int(folds), "val_fraction": None if n_aux else float(val_fraction), "steps": int(steps),
         "steps_run": int(fit.steps_run), "lr": float(lr), "patience": patience, "sketch_dim": int(sketch_dim),
         "seed": int(seed),
         "ci": f"95% percentile bootstrap over the scored examples ({n_boot} resamples)",
@@ -405,10 +409,12 @@ def v_information_from_features(
         in **bits per target dimension**, (1/2) log2(MSE_0 / MSE_G).
       aux_features, aux_target: the attacker's own examples, ``{layer:
         (N_aux, d_l)}`` (same layers and widths) and their targets. Given,
-        every attack model trains and is selected on them alone
-        (``val_fraction`` of them validate), the null is their class
-        frequencies or mean, and each victim is scored once. None: k-fold
-        cross-fitting over the victims (``folds``).
+        every attack model trains and is selected on them alone (``folds``-fold
+        cross-validation inside them: the member with the lowest pooled
+        out-of-fold loss is chosen), the null is their class frequencies or
+        mean, and each victim is scored once, by the average of the fold
+        models' predictions. None: ``folds``-fold cross-fitting over the
+        victims, ``val_fraction`` of each training part validating.
       family: attack families, ``'linear'`` and/or ``'mlp'`` (one hidden
         ReLU layer of width ``hidden``). (The white-box ``'inversion'``
         family needs a model: :func:`v_information`.)

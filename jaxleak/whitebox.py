@@ -87,7 +87,7 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
     xa, ya = aux[0], aux[1]
     rng = np.random.default_rng(seed + 1)
     vi = np.sort(rng.choice(n_victims, size=min(int(inversion_n), n_victims), replace=False))
-    val_rows = np.flatnonzero(split.val[0])
+    val_rows = np.flatnonzero(split.val.any(axis=0))
     av_rows = np.sort(rng.choice(val_rows, size=min(int(inversion_n), val_rows.size), replace=False))
     av = av_rows - n_victims
     xs = np.concatenate([x[vi], xa[av]])
@@ -106,7 +106,7 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
         xv_flat, xa_flat = x[vi].reshape(k, -1), xa[av].reshape(av.size, -1)
     chosen, layers = {}, {}
     for i, name in enumerate(names):
-        learned_aux = float(fit.row_loss[i, 0, av_rows].mean())
+        learned_aux = float(fit.val_row_loss[i, av_rows].mean())
         r_v, r_a = recon[name][:k], recon[name][k:]
         entry = {"aux_loss_learned": learned_aux}
         if latent:
