@@ -61,7 +61,7 @@ def _attribute_classifier(xa_train, za_train, seed: int):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return LogisticRegressionCV(Cs=6, cv=3, max_iter=500, random_state=seed).fit(xa_train, za_train)
+        return LogisticRegressionCV(Cs=6, cv=3, scoring="neg_log_loss", max_iter=500, random_state=seed).fit(xa_train, za_train)
 
 
 def _class_probs(clf, x, num_classes: int) -> np.ndarray:
