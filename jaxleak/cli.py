@@ -58,7 +58,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sketch-dim", type=int, help="width of gradient sketches; default 1024")
     p.add_argument("--vinfo-steps", type=int, help="training steps of each V-information attack model; default 300")
     p.add_argument("--vinfo-folds", type=int,
-                   help="cross-fitting folds of V-information when there is no auxiliary data; default 5")
+                   help="V-information folds: cross-validation inside the auxiliary data, or cross-fitting over "
+                        "the victims without it; default 3")
     p.add_argument("--inversion-n", type=int,
                    help="victims (and auxiliary rows) of the white-box inversion family of V-information; default 32")
     p.add_argument("--inversion-steps", type=int, help="Inverting Gradients steps of that family; default 200")
@@ -180,7 +181,7 @@ def _add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sketch-dim", type=int, help="width of update sketches; default 1024")
     p.add_argument("--vinfo-steps", type=int, help="V-information ensemble training steps; default 150")
     p.add_argument("--vinfo-folds", type=int,
-                   help="V-information cross-fitting folds when there is no auxiliary data; default 3")
+                   help="V-information folds (inside the auxiliary data, or over the victims without it); default 3")
     p.add_argument("--vinfo-boot", type=int, help="V-information bootstrap resamples; default 200")
     p.add_argument("--local-lr", type=float, help="clients' SGD learning rate eta; default 0.01")
     p.add_argument("--batch-sizes", type=_int_list, help="aggregation: client batch sizes B; default 1,2,4,8,16,32")

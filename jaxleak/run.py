@@ -51,7 +51,7 @@ class RunConfig:
     permutations: int = 100
     sketch_dim: int = 1024
     vinfo_steps: int = 300
-    vinfo_folds: int = 5
+    vinfo_folds: int = 3
     inversion_n: int = 32
     inversion_steps: int = 200
     params: str | None = None
