@@ -1,9 +1,9 @@
 """Reconstruction attacks by gradient matching: DLG and Inverting Gradients.
 
-The attacker observes a shared update ``u`` (per layer, METHOD section 1),
+The attacker observes a shared update ``u`` (per layer, docs/method.md section 1),
 knows the model and its parameters, and optimises a dummy batch x' (and
 dummy labels when the labels are unknown) until the update it would produce
-matches ``u`` (METHOD section 4):
+matches ``u`` (docs/method.md section 6):
 
 - ``"dlg"``, Deep Leakage from Gradients (Zhu, Liu, Han, NeurIPS 2019):
   L2 matching, ``sum_l w_l ||u'_l - u_l||^2``; x' unconstrained during the
@@ -556,7 +556,7 @@ def invert(task: Task, target_update: Mapping[str, Any], *, method: str = "ig", 
         otherwise optimises soft labels jointly (DLG); ``"optimize"``
         forces the joint optimisation.
       batch_size: B, the number of examples behind each update.
-      local_steps, local_lr: K and eta of the client (METHOD section 1); the
+      local_steps, local_lr: K and eta of the client (docs/method.md section 1); the
         attacker simulates the same K SGD steps for its dummy batch.
       seed: seeds the random initialisations.
       progress: show a tqdm bar over segments of the optimisation.

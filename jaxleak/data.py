@@ -2,7 +2,7 @@
 
 A :class:`Dataset` holds images ``x`` (float32, NHWC, values in [0, 1]), task
 labels ``y`` and latent attributes ``latent`` (name -> integer array), the
-private information whose leakage jaxleak measures (METHOD section 1).
+private information whose leakage jaxleak measures (docs/method.md section 1).
 
 Sources, by name for :func:`load`:
 

@@ -1,4 +1,4 @@
-"""Defences against gradient leakage (METHOD section 5), as pure functions on per-layer gradients.
+"""Defences against gradient leakage (docs/method.md section 8), as pure functions on per-layer gradients.
 
 Gradients are dicts ``{layer: (N, P_l)}``: rows are per-example gradients
 (:func:`jaxleak.grads.layer_grads`) or shared updates
@@ -23,7 +23,7 @@ apply one to rows (:func:`defended_updates`), to client updates with B
 examples and K local steps (:func:`defended_client_updates`, DP-SGD inside
 each local step) and to a training batch (:func:`batch_gradient_fn`). When
 noise is added they report its standard deviation per layer, which the
-noise-normalised sensitivity (METHOD section 3.1) divides by.
+noise-normalised sensitivity (docs/method.md section 4) divides by.
 
 :func:`dp_epsilon` gives the (epsilon, delta) guarantee of a DP-SGD
 configuration with Google's ``dp_accounting`` (RDP or PLD accountant).

@@ -1,6 +1,6 @@
 """Ensembles of attack models trained in parallel, with cross-fitting.
 
-This is the engine behind empirical V-information (METHOD section 2,
+This is the engine behind empirical V-information (docs/method.md section 3,
 :mod:`jaxleak.vinfo`). An *ensemble* is every member (architecture x weight
 decay x seed) for every layer and every cross-fitting fold. All of them train
 in one jitted computation: the parameters of a family carry leading axes

@@ -746,7 +746,7 @@ def layer_grads(task: Task, x, y, *, chunk_size: int | None = None, layers: Sequ
                 progress: bool = False, mesh=None, method: str = "auto") -> dict[str, np.ndarray]:
     """Per-example gradients of every layer: ``{layer: (N, P_l)}`` in forward order.
 
-    g(x, y) = grad_W loss(f(x; W), y) (METHOD section 1), flattened per layer
+    g(x, y) = grad_W loss(f(x; W), y) (docs/method.md section 1), flattened per layer
     (kernel and bias of a module together). Computed by the jitted
     :func:`per_example_grad_fn` (``method='auto'``: one batched backward pass
     plus per-module outer products; ``'vmap'``: vmap(grad)), ``chunk_size``
@@ -919,7 +919,7 @@ def client_updates(task: Task, x, y, *, batch_size: int, local_steps: int = 1, l
                    num_updates: int, seed: int = 0, chunk_size: int | None = None,
                    layers: Sequence[str] | None = None, sketch_dim: int | None = None, sketch_seed: int = 0,
                    progress: bool = False, mesh=None) -> ClientUpdates:
-    """Shared client updates u(S) = (W0 - W_K) / (K lr) (METHOD section 1).
+    """Shared client updates u(S) = (W0 - W_K) / (K lr) (docs/method.md section 1).
 
     Each of ``num_updates`` clients holds a batch S of ``batch_size`` examples
     (victim at position 0, see :func:`client_batches`) and runs ``local_steps``

@@ -138,7 +138,7 @@ def _finite(v: float) -> float:
     return v if math.isfinite(v) else -math.inf
 
 
-# ---------------------------------------------------------------- verdicts (METHOD section 7)
+# ---------------------------------------------------------------- verdicts (docs/method.md section 7)
 
 def holm(pvalues) -> list[float]:
     """Holm's step-down adjusted p-values (family-wise error over the given tests; NaN stays NaN)."""

@@ -1,4 +1,4 @@
-"""Jacobian sensitivity of layer gradients to the input (METHOD section 3.1).
+"""Jacobian sensitivity of layer gradients to the input (docs/method.md section 4).
 
 For an example (x, y) and layer l, J_l(x) = d g_l(x, y) / d x is the P_l x D
 Jacobian of the layer's per-example gradient with respect to the input.
@@ -344,7 +344,7 @@ def _noise_levels(noise_std, names: Sequence[str]) -> dict[str, float | None]:
 def sensitivity(task: Task, x, y, *, method: str = "hutchinson", probes: int = 16, seed: int = 0,
                 chunk_size: int | None = None, noise_std=None, layers: Sequence[str] | None = None,
                 progress: bool = False) -> LayerScores:
-    """Per-layer Jacobian sensitivity (original information), METHOD section 3.1.
+    """Per-layer Jacobian sensitivity (original information), docs/method.md section 4.
 
     Args:
       task: the model.

@@ -1,6 +1,6 @@
 """Studies: every measure, per layer, across settings of aggregation, defences and training stage.
 
-METHOD sections 1 and 5. A study measures what one member of a client batch
+docs/method.md sections 1 and 8. A study measures what one member of a client batch
 (the victim, index 0) leaks through the **shared update**
 
     u(S) = (W0 - W_K) / (K eta)          (K local SGD steps on batch S, |S| = B)
@@ -370,7 +370,7 @@ def update_sensitivity_terms(task: Task, x, y, *, defense=None, batch_size: int 
 def update_sensitivity(task: Task, x, y, *, defense=None, batch_size: int = 1, local_steps: int = 1,
                        lr: float = 0.1, num_updates: int, seed: int = 0, probes: int = 8,
                        noise_std: Mapping[str, float] | None = None, chunk_size: int | None = None) -> LayerScores:
-    """Sensitivity of the shared update to the victim's input, per layer (METHOD 3.1 on u(S)).
+    """Sensitivity of the shared update to the victim's input, per layer (docs/method.md section 4 on u(S)).
 
     ``value`` R_l = sqrt(mean ||J_l||_F^2 / mean ||u_l||^2), J_l = d u_l / d x_0;
     extras ``raw`` S_l = sqrt(mean ||J_l||_F^2) (for K = 1: the per-example

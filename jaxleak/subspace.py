@@ -1,4 +1,4 @@
-"""Subspace distance between the gradients of two latent groups (METHOD section 3.2).
+"""Subspace distance between the gradients of two latent groups (docs/method.md section 5).
 
 For layer l, G_0 and G_1 (n x P_l) stack the per-example gradients of the
 examples with z = 0 and z = 1 (balanced by subsampling). With V_g the top-k

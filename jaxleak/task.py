@@ -95,7 +95,7 @@ def enumerate_layers(
     """The parameterised layers of a model in forward order.
 
     ``granularity='module'`` groups the tensors of one module (kernel and bias
-    together, METHOD section 1); ``'tensor'`` makes each tensor its own layer.
+    together, docs/method.md section 1); ``'tensor'`` makes each tensor its own layer.
     """
     if granularity not in ("module", "tensor"):
         raise InputError(f"granularity must be 'module' or 'tensor', got {granularity!r}")

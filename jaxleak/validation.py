@@ -1,4 +1,4 @@
-"""Validation of localization by real attacks (METHOD section 4), and the ``jaxleak attack`` job.
+"""Validation of localization by real attacks (docs/method.md section 6), and the ``jaxleak attack`` job.
 
 The attack-independent measures claim to predict, layer by layer, what an
 attacker achieves. :func:`correlations` checks the claim across layers with
@@ -8,7 +8,7 @@ the Spearman rank correlation between
   attack that matches layer l's gradient only
   (:func:`jaxleak.attacks.invert_per_layer`), and
 - the subspace-distance excess (latent information) and the latent
-  V-information (the attribute-inference attack of METHOD section 2).
+  V-information (the attribute-inference attack of docs/method.md section 3).
 
 The ``validation`` study (:func:`jaxleak.studies.run_study`) computes the
 four per-layer measures on per-example gradients of the held-out pool and

@@ -1,4 +1,4 @@
-"""Empirical V-information of each layer's gradient about a private target (METHOD section 2).
+"""Empirical V-information of each layer's gradient about a private target (docs/method.md section 3).
 
 Usable information (Xu et al., ICLR 2020) for a predictive family V:
 

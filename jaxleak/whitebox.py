@@ -1,4 +1,4 @@
-"""The white-box attack family of V-information: per-layer gradient inversion (METHOD section 2).
+"""The white-box attack family of V-information: per-layer gradient inversion (docs/method.md section 3).
 
 An attacker who knows the weights can invert a gradient by optimisation.
 Such a predictor is a function of the observed gradient (the weights fixed),
