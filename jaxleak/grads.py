@@ -782,18 +782,23 @@ def make_sketches(layers: Sequence[Layer], dim: int, seed: int) -> dict[str, Cou
     """One independent count-sketch per layer larger than ``dim`` (None for the others)."""
     if not isinstance(dim, (int, np.integer)) or dim < 1:
         raise InputError(f"sketch dim must be a positive integer, got {dim!r}")
-    root = jax.random.key(seed)
-    out = {}
-    for i, layer in enumerate(layers):
-        if layer.size <= dim:
-            out[layer.name] = None
-            continue
+    sketched = tuple((i, layer.size) for i, layer in enumerate(layers) if layer.size > dim)
+    arrays = dict(zip((i for i, _ in sketched), _sketch_arrays(sketched, int(dim), jax.random.key(seed))))
+    return {layer.name: CountSketch(*arrays[i], dim=int(dim)) if i in arrays else None
+            for i, layer in enumerate(layers)}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _sketch_arrays(sketched: tuple[tuple[int, int], ...], dim: int, root) -> list:
+    """(buckets, signs) of the count-sketch of each (layer index, size), from ``fold_in(root, index)``.
+
+    One program for all layers; eagerly, every distinct layer size compiled two.
+    """
+    out = []
+    for i, size in sketched:
         kb, ks = jax.random.split(jax.random.fold_in(root, i))
-        out[layer.name] = CountSketch(
-            buckets=jax.random.randint(kb, (layer.size,), 0, dim, dtype=jnp.int32),
-            signs=jax.random.rademacher(ks, (layer.size,), dtype=jnp.float32),
-            dim=int(dim),
-        )
+        out.append((jax.random.randint(kb, (size,), 0, dim, dtype=jnp.int32),
+                    jax.random.rademacher(ks, (size,), dtype=jnp.float32)))
     return out
 
 
