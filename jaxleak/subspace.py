@@ -435,10 +435,12 @@ def _factored_grams(task: Task, plans: Sequence[_Plan], a: list[np.ndarray], d: 
                     ) -> dict[str, np.ndarray]:
     """Gram of each factored layer from its rows a (N, T, |a|) and errors d (N, T, |delta|), float64.
 
-    Row blocks keep the (block, N, T, T) products of all layers together near 2^25 floats.
+    Row blocks keep the (block, N, T, T) products of all layers together within one chunk's
+    budget (:func:`jaxleak.grads.chunk_limits`).
     """
     n = a[0].shape[0]
-    block = int(max(1, min(n, _grads._CHUNK_FLOATS // max(1, n * sum(p.positions ** 2 for p in plans)))))
+    floats, _ = _grads.chunk_limits(_grads._CHUNK_FLOATS)
+    block = int(max(1, min(n, floats // max(1, n * sum(p.positions ** 2 for p in plans)))))
     k = _grads.map_chunks(_factored_gram_fn(task), [*a, *d], block, extra=jax.device_put((tuple(a), tuple(d))))
     return {p.layer.name: k[str(i)].astype(np.float64) for i, p in enumerate(plans)}
 
@@ -494,7 +496,8 @@ def _pass_chunk(task: Task, items, n: int) -> int:
         per_example += plan.positions * (plan.a_dim + plan.d_dim) + plan.a_dim * (hi - lo)
     acts = sum(int(np.prod(lin.in_shape)) + int(np.prod(lin.out_shape)) for lin in find_linears(task).values())
     per_example += 3 * acts + task.num_params // 64
-    return int(max(1, min(n, 256, _grads._CHUNK_FLOATS // max(1, per_example))))
+    floats, cap = _grads.chunk_limits(_grads._CHUNK_FLOATS)
+    return int(max(1, min(n, cap, floats // max(1, per_example))))
 
 
 def _fill_chunks(fn: Callable, params, x: np.ndarray, y: np.ndarray, chunk: int,
