@@ -110,6 +110,7 @@ def main() -> None:
     cache.add_argument("--compile-cache", metavar="DIR", help="cache folder; default a new temporary folder")
     cache.add_argument("--no-compile-cache", action="store_true", help="every run compiles everything")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--note", default="", help="e.g. that other jobs shared the CPU")
     parser.add_argument("--one", metavar="JSON", help=argparse.SUPPRESS)  # a single run, for the parent process
     args = parser.parse_args()
 
@@ -123,7 +124,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = "off" if args.no_compile_cache else (args.compile_cache or os.path.join(tmp, "xla"))
         env = dict(os.environ, JAXLEAK_COMPILE_CACHE=folder)
-        passed = [a for a in sys.argv[1:] if a != "--no-compile-cache"]
+        passed = [a for a in sys.argv[1:] if a != "--no-compile-cache"]  # the child reads the cache from env
         for i in range(args.repeat):
             path = os.path.join(tmp, f"run{i}.json")
             subprocess.run([sys.executable, os.path.abspath(__file__), *passed, "--one", path], env=env, check=True)
@@ -142,6 +143,7 @@ def main() -> None:
         "goal": "total within 60 s on the 2-core CPU machine class, compile included; "
                 f"with the compile cache, a second run compiles at most {CACHE_GOAL_S:.0f} s",
         "machine": machine,
+        "note": args.note,
         "compile_cache": ("off" if args.no_compile_cache else args.compile_cache
                           or "a new temporary folder (the first run starts cold)"),
         "runs": runs,
