@@ -11,7 +11,8 @@ that owns each benchmark:
   GradDefense surrogate and the exact Jacobian (torch.func jacfwd), and
   against jaxleak's own surrogate and exact mode, LeNet on 8x8 digits;
 - ``ensemble`` (``vinfo_ensemble.py``): the 64-member V-information attack
-  ensemble (8 layers x 8 weight decays) against one member;
+  ensemble (8 layers x 8 weight decays, on the attacker's cross-validated
+  split) against one member;
 - ``inversion`` (``inversion.py``): Inverting Gradients, 8 restarts against 1;
 - ``scaling`` (``scaling.py``): sketch_grads and sensitivity against the
   number of examples and the model, one fresh process per point.
@@ -132,9 +133,9 @@ def ensemble(small: bool, reps: int, peer: dict) -> dict:
 
     from jaxleak import ensemble as ens
 
-    n, width, steps = (200, 32, 20) if small else (vb.N, vb.WIDTH, 300)
+    n, width, steps, victims, folds = (200, 32, 20, 40, 2) if small else (vb.N, vb.WIDTH, 300, vb.VICTIMS, 5)
     x, y = vb.make_data(n=n, width=width)
-    split = ens.single_split(n, test_fraction=0.2, val_fraction=0.2, seed=0, strata=y)
+    split = ens.attacker_split(victims, n - victims, folds, seed=0, strata=y[victims:])  # as vinfo_ensemble.py
     members = [ens.Member("linear", wd, 0) for wd in vb.WEIGHT_DECAYS]
     runs = {"ensemble_64": lambda: vb.run_ensemble(x, y, split, members, steps),
             "one_member": lambda: vb.run_ensemble(x[:1], y, split, members[:1], steps)}
@@ -147,7 +148,8 @@ def ensemble(small: bool, reps: int, peer: dict) -> dict:
             fn()
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    res = {"layers": vb.LAYERS, "configurations": vb.CONFIGS, "examples": n, "features": width, "steps": steps,
+    res = {"layers": vb.LAYERS, "configurations": vb.CONFIGS, "examples": n, "victims": victims, "folds": folds,
+           "features": width, "steps": steps,
            "seconds": times, "median_s": med, "ensemble_over_one_member": med["ensemble_64"] / med["one_member"],
            "goal": "ensemble <= 4x one member"}
     print(f"ensemble 64 members {med['ensemble_64']:.3f} s, one {med['one_member']:.3f} s: "

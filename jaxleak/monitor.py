@@ -25,7 +25,8 @@ class LeakageMonitor:
     """Per-layer leakage measures on a fixed probe set, every ``every`` steps.
 
     Call ``monitor(step, params)`` in the training loop: with a Linen/optax
-    loop pass ``state.params``; with an NNX loop pass the module itself. On
+    loop pass ``state.params``; with an NNX loop pass the module itself
+    (whether the monitor was given the module or ``Task.from_nnx(module)``). On
     steps that are not a multiple of ``every`` the call returns ``None`` at
     once and touches nothing. Compiled code is built on the first measured
     step and reused: later steps never retrace.
@@ -41,11 +42,16 @@ class LeakageMonitor:
       out: a JSONL file to which each record is appended as it is made.
       options: measure options (``probes``, ``permutations``, ``sketch_dim``,
         ``chunk_size``, ``seed``).
+      aux: the attacker's auxiliary examples ``(x, y, z)`` (``z`` may be None
+        when no latent measure runs), disjoint from the probe set and ideally
+        from the training data: V-information trains its attack models on
+        their gradients at each measured step and scores the probe set once.
+        None: V-information cross-fits over the probe set.
     """
 
     def __init__(self, model: Task | Callable | Any, loss: Callable | None = None, probe_x=None, probe_y=None,
                  probe_latent=None, *, measures: Sequence[str] = ("grad_norm",), every: int = 100,
-                 out: str | None = None, options: Mapping | None = None):
+                 out: str | None = None, options: Mapping | None = None, aux=None):
         if probe_x is None or probe_y is None:
             raise InputError("LeakageMonitor needs probe_x and probe_y")
         if not isinstance(every, (int, np.integer)) or every < 1:
@@ -78,12 +84,23 @@ class LeakageMonitor:
         missing = [m.key for m in self.measures if m.needs_latent and self.probe_latent is None]
         if missing:
             raise InputError(f"measures {missing} need probe_latent")
+        if aux is not None:
+            if not isinstance(aux, (tuple, list)) or len(aux) not in (2, 3):
+                raise InputError("aux must be the attacker's examples (x_aux, y_aux) or (x_aux, y_aux, z_aux)")
+            aux_z = aux[2] if len(aux) == 3 else None
+            if aux_z is None and any(m.key == "v_information.latent" for m in self.measures):
+                raise InputError("measure 'v_information.latent' with aux needs the auxiliary latent: "
+                                 "aux=(x_aux, y_aux, z_aux)")
+            self.options["aux"] = (np.asarray(aux[0], np.float32), np.asarray(aux[1]),
+                                   None if aux_z is None else np.asarray(aux_z))
         self.history: list[dict] = []
         if out:
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
     def _params_of(self, params):
-        if self._nnx and _is_nnx_module(params):
+        # An NNX module stands for its Param state, whether the monitor was
+        # given the module itself or a Task made from it by Task.from_nnx.
+        if _is_nnx_module(params):
             from flax import nnx
 
             return nnx.to_pure_dict(nnx.state(params, nnx.Param))

@@ -23,6 +23,7 @@ h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid 
 table{border-collapse:collapse;margin:0.6em 0;font-size:0.9em}
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}
 td:first-child,th:first-child{text-align:left}
+.verdict{background:#eef6ee;border-left:4px solid #3a7;padding:0.4em 0.8em}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:0.4em 0.8em;margin:0.6em 0}
 img{max-width:100%;margin:0.5em 0;border:1px solid #eee}
 pre{background:#f6f6f6;padding:0.6em;overflow-x:auto;font-size:0.85em}
@@ -89,11 +90,41 @@ def _notes(entry: dict) -> str:
     return "".join(out)
 
 
+_MEASURE_WORDS = {
+    "v_information.latent": "latent information ({latent}), V-information",
+    "v_information.original": "original information (the input), V-information",
+    "subspace_distance": "latent information ({latent}), subspace distance",
+    "sensitivity": "original information, sensitivity (a scale)",
+    "grad_norm": "gradient norm (a scale)",
+}
+
+
+def verdict_lines(results: dict) -> list[str]:
+    """The plain verdict that opens a run's table and report: per measure, what leaks, where, how much."""
+    cfg = results["config"]
+    aux = results.get("aux") or {}
+    who = (f"an attacker with {aux['n']} auxiliary examples" if aux.get("n")
+           else "attack models cross-fitted over the victims")
+    lines = [f"Verdict: {results['model']['name']} on {results['dataset']['name']}, "
+             f"{results['dataset']['n_measured']} victims, {who}"]
+    if aux.get("compromise"):
+        lines.append(f"  note: {aux['compromise']}")
+    for key in cfg["measures"]:
+        v = (results.get("verdicts") or {}).get(key) or {}
+        words = _MEASURE_WORDS.get(key, key).format(latent=cfg.get("latent"))
+        lines.append(f"  {words}: {v.get('text', '-')}")
+    return lines
+
+
 def render(results: dict, folder: str, title: str | None = None) -> str:
     """The HTML text for one results.json (a run or a study)."""
     title = title or f"jaxleak report: {results.get('model', {}).get('name', '')} on {results.get('dataset', {}).get('name', '')}"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>"]
+    if results.get("verdicts"):
+        head, *rest = verdict_lines(results)
+        items = "".join(f"<li>{_e(line.strip())}</li>" for line in rest)
+        parts.append(f"<div class='verdict'><p><b>{_e(head)}</b></p><ul>{items}</ul></div>")
     ds, model = results.get("dataset", {}), results.get("model", {})
     if ds:
         parts.append("<h2>Data and model</h2><table>")
@@ -110,16 +141,23 @@ def render(results: dict, folder: str, title: str | None = None) -> str:
         for name, desc in ds.get("latent_descriptions", {}).items():
             parts.append(f"<p><b>{_e(name)}</b>: {_e(desc)}</p>")
     if results.get("top_layers"):
-        parts.append("<h2>Localization: top layer per measure</h2><table><tr><th>measure</th><th>top layer</th></tr>")
+        parts.append("<h2>Localization: top layers per measure</h2><table><tr><th>measure</th><th>top layers</th>"
+                     "<th>why</th></tr>")
+        verdicts = results.get("verdicts") or {}
         for k, v in results["top_layers"].items():
-            parts.append(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>")
+            shown = ", ".join(v) if isinstance(v, list) else ("none detected" if v is None else v)
+            why = (verdicts.get(k) or {}).get("text", "")
+            parts.append(f"<tr><td>{_e(k)}</td><td>{_e(shown)}</td><td>{_e(why)}</td></tr>")
         parts.append("</table>")
     for extra in results.get("summary", []) if isinstance(results.get("summary"), list) else []:
         parts.append(f"<p>{_e(extra)}</p>")
     pngs = sorted(p for p in os.listdir(folder) if p.endswith(".png"))
     for key, entry in _measure_tables(results.get("measures", {})):
-        parts.append(f"<h2>{_e(key)}</h2><p>unit: {_e(entry.get('unit', ''))}; top layer: "
-                     f"<b>{_e(entry.get('top'))}</b></p>")
+        top = entry.get("top")
+        top = ", ".join(top) if isinstance(top, list) else ("none detected" if top is None else top)
+        why = (entry.get("verdict") or {}).get("text", "")
+        parts.append(f"<h2>{_e(key)}</h2><p>unit: {_e(entry.get('unit', ''))}; top layers: "
+                     f"<b>{_e(top)}</b>{'; ' + _e(why) if why else ''}</p>")
         parts.append(_notes(entry))
         png = f"{key}.png"
         if png in pngs:

@@ -39,18 +39,21 @@ class RunConfig:
     model: str = "lenet"
     seed: int = 0
     n: int = 256
+    aux_n: int = 2048
     epochs: int = 5
-    train_fraction: float = 0.7
+    train_fraction: float = 0.4
     batch_size: int = 64
     lr: float = 3e-3
     latent: str = "thickness"
     measures: tuple[str, ...] = ()
     chunk_size: int | None = None
     probes: int = 16
-    permutations: int = 20
+    permutations: int = 100
     sketch_dim: int = 1024
     vinfo_steps: int = 300
     vinfo_folds: int = 5
+    inversion_n: int = 32
+    inversion_steps: int = 200
     params: str | None = None
     devices: int = 1
     data_options: dict = dataclasses.field(default_factory=dict)
@@ -153,6 +156,7 @@ class Prepared:
     y: np.ndarray
     z: np.ndarray | None
     train_info: dict
+    aux: dict
 
 
 def prepare(config: RunConfig, *, progress: bool = True) -> Prepared:
@@ -163,11 +167,13 @@ def prepare(config: RunConfig, *, progress: bool = True) -> Prepared:
     unknown = [m for m in config.measures if m not in measures_lib.REGISTRY]
     if unknown:
         raise UnknownNameError(f"unknown measure(s) {unknown}; choose from {measure_names()}")
-    for name in ("n", "probes", "sketch_dim", "batch_size", "vinfo_steps"):
+    for name in ("n", "probes", "sketch_dim", "batch_size", "vinfo_steps", "inversion_n", "inversion_steps"):
         if getattr(config, name) < 1:
             raise InputError(f"{name} must be >= 1, got {getattr(config, name)}")
     if config.permutations < 2:
         raise InputError(f"permutations must be >= 2, got {config.permutations}")
+    if config.aux_n < 0:
+        raise InputError(f"aux_n must be >= 0 (0: no auxiliary data, cross-fit over the victims), got {config.aux_n}")
     if config.epochs < 0:
         raise InputError(f"epochs must be >= 0, got {config.epochs}")
     if not 0.0 < config.train_fraction < 1.0:
@@ -192,7 +198,15 @@ def prepare(config: RunConfig, *, progress: bool = True) -> Prepared:
     result = train(task, train_set.x, train_set.y, epochs=config.epochs, batch_size=config.batch_size,
                    lr=config.lr, seed=config.seed, progress=progress)
     task = result.task
-    measured = eval_set.subset(slice(0, config.n))
+    n_victims, n_aux, compromise = split_victims_aux(eval_set.n, config.n, config.aux_n)
+    measured = eval_set.subset(slice(0, n_victims))
+    attacker = eval_set.subset(slice(n_victims, n_victims + n_aux))
+    aux = {"x": attacker.x, "y": attacker.y, "z": attacker.latent.get(config.latent), "info": {
+        "n": n_aux, "requested": config.aux_n, "compromise": compromise,
+        "source": (f"held-out examples of {dataset.name!r}, disjoint from the {n_victims} victims and from the "
+                   f"{train_set.n} training examples; their gradients at the measured parameters train and select "
+                   f"the V-information attack models") if n_aux else
+                  "none: V-information is cross-fitted over the victims"}}
     train_info = {
         "epochs": config.epochs,
         "train_examples": train_set.n,
@@ -201,7 +215,39 @@ def prepare(config: RunConfig, *, progress: bool = True) -> Prepared:
         "test_accuracy": accuracy(task, eval_set.x, eval_set.y),
     }
     z = measured.latent.get(config.latent)
-    return Prepared(config, dataset, task, measured.x, measured.y, z, train_info)
+    return Prepared(config, dataset, task, measured.x, measured.y, z, train_info, aux)
+
+
+# Fewer auxiliary examples than this cannot train and validate an attack model.
+MIN_AUX = 20
+
+
+def split_victims_aux(available: int, n: int, aux_n: int) -> tuple[int, int, str | None]:
+    """Victims and auxiliary examples out of the ``available`` held-out ones, and the compromise made, if any.
+
+    Victims come first (up to ``n``), the attacker's examples after them (up
+    to ``aux_n``). Where fewer than ``MIN_AUX`` would be left for the
+    attacker, the held-out examples are halved between the two; where even
+    that leaves fewer than ``MIN_AUX``, there is no auxiliary data and
+    V-information is cross-fitted over the victims.
+    """
+    n_victims = min(n, available)
+    if aux_n == 0:
+        return n_victims, 0, None
+    n_aux = min(aux_n, available - n_victims)
+    if n_aux >= min(aux_n, MIN_AUX):
+        note = (f"only {n_aux} of the {aux_n} auxiliary examples asked for are left after the training examples "
+                f"and the {n_victims} victims") if n_aux < aux_n else None
+        if n_victims < n:
+            note = ((note + "; ") if note else "") + f"only {n_victims} victims are available, not {n}"
+        return n_victims, n_aux, note
+    if available // 2 >= MIN_AUX:
+        n_aux = min(aux_n, available - available // 2)
+        return available - n_aux, n_aux, (
+            f"the data set is too small for {n} victims and an attacker's auxiliary set: its {available} held-out "
+            f"examples are split into {available - n_aux} victims and {n_aux} auxiliary examples")
+    return n_victims, 0, (f"the data set is too small for an auxiliary set ({available} held-out examples): "
+                          f"V-information is cross-fitted over the {n_victims} victims")
 
 
 def _set_nested(d: dict, dotted: str, value) -> None:
@@ -277,6 +323,8 @@ def _run(config: RunConfig, out: str, resume: bool, progress: bool, on_measure, 
 
         save_params(os.path.join(out, "params.msgpack"), prep.task.params)
         opts = measure_options(config)
+        if prep.aux["info"]["n"]:
+            opts["aux"] = (prep.aux["x"], prep.aux["y"], prep.aux["z"])
         measures: dict[str, Any] = {}
         for key in config.measures:
             part = _part_path(out, key)
@@ -315,12 +363,13 @@ def _run(config: RunConfig, out: str, resume: bool, progress: bool, on_measure, 
                 "layers": [{"name": layer.name, "params": layer.size} for layer in prep.task.layers],
             },
             "training": prep.train_info,
+            "aux": prep.aux["info"],
             "measures": measures,
-            "top_layers": {key: top_layer(_get_nested(measures, key), _column_field(key))
-                           for key in config.measures},
+            "verdicts": {key: _verdict_of(_get_nested(measures, key)) for key in config.measures},
             "environment": environment(),
             "timing": timing,
         }
+        results["top_layers"] = {key: v["top"] for key, v in results["verdicts"].items()}
         io.write_json(os.path.join(out, "results.json"), results)
         write_layers_csv(os.path.join(out, "layers.csv"), results)
         draw_figures(out, results)
@@ -335,7 +384,8 @@ def measure_options(config: RunConfig) -> dict:
     """The run-level settings every measure may read."""
     return {"seed": config.seed, "chunk_size": config.chunk_size, "probes": config.probes,
             "permutations": config.permutations, "sketch_dim": config.sketch_dim,
-            "vinfo_steps": config.vinfo_steps, "vinfo_folds": config.vinfo_folds}
+            "vinfo_steps": config.vinfo_steps, "vinfo_folds": config.vinfo_folds,
+            "inversion_n": config.inversion_n, "inversion_steps": config.inversion_steps}
 
 
 def _shown(key: str, layer_entry: dict) -> Any:
@@ -343,14 +393,11 @@ def _shown(key: str, layer_entry: dict) -> Any:
     return layer_entry.get(m.show if m else "value")
 
 
-def top_layer(entry: dict, field: str = "value") -> str | None:
-    """The layer with the largest ``field`` (the measure's headline, e.g. the subspace excess)."""
-    best, best_value = None, None
-    for name, layer in entry["layers"].items():
-        v = layer.get(field)
-        if v is not None and (best_value is None or v > best_value):
-            best, best_value = name, v
-    return best
+def _verdict_of(entry: dict) -> dict:
+    """The measure's verdict (stored with it; recomputed only for a part written without one)."""
+    from jaxleak.scores import verdict
+
+    return entry.get("verdict") or verdict(entry)
 
 
 def _column_field(key: str) -> str:
@@ -384,7 +431,7 @@ def draw_figures(out: str, results: dict) -> None:
 
 
 def format_table(results: dict) -> str:
-    """The per-layer table printed by ``jaxleak run``."""
+    """The verdict and the per-layer table printed by ``jaxleak run`` (``*``: detected in that layer)."""
     keys = results["config"]["measures"]
     cols = ["layer", "params"] + [measures_lib.REGISTRY[k].column if k in measures_lib.REGISTRY else k
                                   for k in keys]
@@ -392,11 +439,21 @@ def format_table(results: dict) -> str:
     for layer in results["model"]["layers"]:
         row = [layer["name"], f"{layer['params']:,}"]
         for k in keys:
-            v = _shown(k, _get_nested(results["measures"], k)["layers"].get(layer["name"], {}))
-            row.append("-" if v is None else f"{v:.4g}")
+            entry = _get_nested(results["measures"], k)["layers"].get(layer["name"], {})
+            v = _shown(k, entry)
+            row.append("-" if v is None else f"{v:.4g}" + ("*" if entry.get("detected") else ""))
         rows.append(row)
-    top = ["top layer", ""] + [str(results["top_layers"].get(k)) for k in keys]
+    tops = []
+    for k in keys:
+        v = (results.get("verdicts") or {}).get(k) or {}
+        top = v.get("top")
+        tops.append("none detected" if top is None else "/".join(top) + (" (largest)" if v.get("kind") == "scale"
+                                                                         else ""))
+    top = ["top layers", ""] + tops
     widths = [max(len(str(r[i])) for r in [cols, top, *rows]) for i in range(len(cols))]
     line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(cols), sep, *map(line, rows), sep, line(top)])
+    from jaxleak.report import verdict_lines
+
+    return "\n".join([*verdict_lines(results), "", line(cols), sep, *map(line, rows), sep, line(top),
+                      "* detected (V-information: 95% interval above 0; subspace: Holm-adjusted p < 0.05)"])

@@ -99,6 +99,10 @@ class LayerScores(Mapping):
         order = sorted(self._scores, key=lambda k: -_finite(self.headline(k)))
         return {k: i + 1 for i, k in enumerate(order)}
 
+    def verdict(self) -> dict:
+        """What a reader is told about this measure: see :func:`verdict`."""
+        return verdict(self.to_dict())
+
     def to_dict(self) -> dict:
         shares, ranks = self.shares(), self.ranks()
         layers = {}
@@ -107,8 +111,10 @@ class LayerScores(Mapping):
                      "share": shares[name], "rank": ranks[name]}
             entry.update(s.extras)
             layers[name] = entry
-        return _plain({"measure": self.measure, "unit": self.unit, "meta": self.meta,
-                       "top": self.top() if self._scores else None, "layers": layers})
+        out = _plain({"measure": self.measure, "unit": self.unit, "meta": self.meta, "layers": layers})
+        v = verdict(out)
+        out["top"], out["verdict"] = v["top"], v
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "LayerScores":
@@ -130,3 +136,83 @@ class LayerScores(Mapping):
 def _finite(v: float) -> float:
     v = float(v)
     return v if math.isfinite(v) else -math.inf
+
+
+# ---------------------------------------------------------------- verdicts (METHOD section 7)
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error over the given tests; NaN stays NaN)."""
+    import numpy as np
+
+    p = np.asarray(pvalues, dtype=np.float64)
+    out = np.full(p.shape, math.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m, running = order.size, 0.0
+    for i, j in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[j]))
+        out[j] = running
+    return out.tolist()
+
+
+def _interval(layer: Mapping, rank_by: str):
+    ci = layer.get("excess_ci") if rank_by == "excess" else layer.get("ci")
+    return tuple(ci) if ci is not None and None not in ci else None
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def verdict(entry: Mapping) -> dict:
+    """Which layers leak, by one measure's results (a ``LayerScores.to_dict()`` entry).
+
+    A measure whose layers carry ``detected`` is a test: the top layers are
+    named only when some layer is detected, as the detected layer with the
+    largest headline (``rank_by``) and every layer whose interval overlaps
+    its interval (a tie); with nothing detected ``top`` is None and the
+    smallest effect the run could have detected (``detectable``, per layer)
+    is reported. A measure without ``detected`` (sensitivity, gradient
+    norm) is a scale: its largest layer is named as such, and nothing is
+    claimed as detected.
+    """
+    layers = entry.get("layers") or {}
+    rank_by = (entry.get("meta") or {}).get("rank_by", "value")
+    unit = entry.get("unit", "")
+
+    def head(name):
+        v = layers[name].get(rank_by)
+        return -math.inf if v is None or not math.isfinite(float(v)) else float(v)
+
+    if not layers:
+        return {"kind": "empty", "top": None, "detected": [], "reason": "no layers"}
+    if not any(layer.get("detected") is not None for layer in layers.values()):
+        top = max(layers, key=head)
+        return {"kind": "scale", "top": [top], "detected": None,
+                "reason": "a scale, not a test: the layer with the largest value is named; nothing is tested",
+                "text": f"largest in {top} ({_fmt(head(top))} {unit})".strip()}
+    detected = [name for name, layer in layers.items() if layer.get("detected")]
+    detectable = {name: layer.get("detectable") for name, layer in layers.items()}
+    if not detected:
+        sizes = [v for v in detectable.values() if v is not None and math.isfinite(v)]
+        if sizes:
+            low, high = min(sizes), max(sizes)
+            span = _fmt(low) if _fmt(low) == _fmt(high) else f"{_fmt(low)} to {_fmt(high)}"
+            text = f"none detected; this run would detect {span} {unit} or more (80% power, per layer)"
+        else:
+            text = "none detected; no detectable size could be computed"
+        return {"kind": "test", "top": None, "detected": [], "reason": "no layer detected",
+                "detectable": detectable, "text": text}
+    best = max(detected, key=head)
+    best_iv = _interval(layers[best], rank_by)
+    tied = [name for name in layers if name != best and best_iv is not None
+            and (iv := _interval(layers[name], rank_by)) is not None and iv[1] >= best_iv[0] and iv[0] <= best_iv[1]]
+    top = [best] + tied
+    amounts = ", ".join(f"{name} {_fmt(head(name))}" for name in detected)
+    text = f"detected in {len(detected)} of {len(layers)} layers ({amounts} {unit})".rstrip()
+    if tied:
+        text += f"; top {best}, tied with {', '.join(tied)}"
+    else:
+        text += f"; top {best}"
+    return {"kind": "test", "top": top, "detected": detected, "reason": None, "detectable": detectable,
+            "text": text}

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import os
 import time
@@ -58,8 +57,12 @@ from jaxleak import defenses as defenses_lib
 from jaxleak import grads as grads_lib
 from jaxleak import io
 from jaxleak.errors import InputError, JaxleakError, UnknownNameError
-from jaxleak.run import check_resume
+from jaxleak.run import check_resume, split_victims_aux
 from jaxleak.scores import LayerScores, Score
+from jaxleak.setting import Setting
+from jaxleak.setting import load_part as _load
+from jaxleak.setting import part_path as _part
+from jaxleak.setting import trained as _trained
 from jaxleak.task import Task
 
 SCHEMA = "jaxleak.results/1"
@@ -96,15 +99,16 @@ class StudyConfig:
     model: str = "lenet"
     seed: int = 0
     n: int = 256
+    aux_n: int = 2048
     num_updates: int | None = None
     epochs: int = 5
-    train_fraction: float = 0.7
+    train_fraction: float = 0.4
     batch_size: int = 64
     lr: float = 3e-3
     latent: str = "thickness"
     measures: tuple[str, ...] = MEASURES
     probes: int = 8
-    permutations: int = 20
+    permutations: int = 100
     sketch_dim: int = 1024
     vinfo_steps: int = 150
     vinfo_folds: int = 3
@@ -308,8 +312,8 @@ def _chunk(task: Task, num_updates: int, batch_size: int, factor: int) -> int:
 
 
 def study_updates(task: Task, x, y, *, defense=None, batch_size: int = 1, local_steps: int = 1, lr: float = 0.1,
-                  num_updates: int, seed: int = 0, sketch_dim: int = 1024, chunk_size: int | None = None
-                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, np.ndarray]:
+                  num_updates: int, seed: int = 0, sketch_dim: int = 1024, chunk_size: int | None = None,
+                  sketch_seed: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Client updates under a defence: ``(features, sq_norms, batches, victims)``.
 
     ``features[layer]`` (M, min(P_l, sketch_dim)): each update, count-sketched
@@ -319,7 +323,8 @@ def study_updates(task: Task, x, y, *, defense=None, batch_size: int = 1, local_
     """
     x, y = task.check_inputs(x, y)
     batches = grads_lib.client_batches(x.shape[0], batch_size=batch_size, num_updates=num_updates, seed=seed)
-    fn = _compiled_features(task, defense, int(local_steps), int(sketch_dim), int(seed))
+    fn = _compiled_features(task, defense, int(local_steps), int(sketch_dim),
+                            int(seed if sketch_seed is None else sketch_seed))
     keys = _update_keys(seed, num_updates)
     chunk = int(chunk_size or _chunk(task, num_updates, batch_size, 3))
     lr32 = jnp.float32(lr)
@@ -426,7 +431,7 @@ def _grad_norm_scores(g2: Mapping[str, np.ndarray]) -> LayerScores:
 
 
 def _subspace_scores(features, z, y, permutations: int, seed: int, sketched: Mapping[str, int]) -> LayerScores:
-    from jaxleak.subspace import balanced_groups, subspace_distance_from_grams
+    from jaxleak.subspace import balanced_groups, p_floor_note, subspace_distance_from_grams, with_verdicts
 
     index, group = balanced_groups(z, seed=seed, strata=y)
     scores = {}
@@ -438,16 +443,20 @@ def _subspace_scores(features, z, y, permutations: int, seed: int, sketched: Map
         res.pop("null")
         res["gram_source"] = "count-sketch" if name in sketched else "exact"
         scores[name] = Score(value, None, res)
-    return LayerScores("subspace_distance", scores, unit="dimensionless", meta={
+    return LayerScores("subspace_distance", with_verdicts(scores), unit="dimensionless", meta={
         "definition": "D_l = sqrt(mean_i sin^2 theta_i) between the update subspaces of z[victim] = 0 and 1",
         "signal": "excess = D_l - permutation null mean", "permutations": int(permutations),
+        "detected": "Holm-adjusted p-value over layers (p_holm) below 0.05",
+        "p_floor": p_floor_note(int(permutations), len(scores)),
         "stratified_by_label": True, "sketched_layers": dict(sketched)}, rank_by="excess")
 
 
-def _vinfo_scores(features, target, config: StudyConfig, sketched: Mapping[str, int]) -> LayerScores:
+def _vinfo_scores(features, target, config: StudyConfig, sketched: Mapping[str, int], aux=None) -> LayerScores:
     from jaxleak.vinfo import v_information_from_features
 
-    scores = v_information_from_features(features, target, sketch_dim=config.sketch_dim, steps=config.vinfo_steps,
+    aux_features, aux_target = aux if aux is not None else (None, None)
+    scores = v_information_from_features(features, target, aux_features=aux_features, aux_target=aux_target,
+                                         sketch_dim=config.sketch_dim, steps=config.vinfo_steps,
                                          folds=config.vinfo_folds, n_boot=config.vinfo_boot, seed=config.seed)
     if sketched:
         scores.meta["lower_bound"] = (f"layers {sorted(sketched)} were count-sketched to {config.sketch_dim} "
@@ -457,18 +466,6 @@ def _vinfo_scores(features, target, config: StudyConfig, sketched: Mapping[str, 
 
 
 # ---------------------------------------------------------------- settings
-
-@dataclasses.dataclass
-class Setting:
-    """One point of a study: its key, the knobs, and how to build the measured model."""
-
-    key: str
-    params: dict
-    defense: Any = None
-    batch_size: int = 1
-    local_steps: int = 1
-    epochs: int | None = None
-
 
 def settings(config: StudyConfig) -> list[Setting]:
     """The settings of ``config.study``, in order."""
@@ -499,6 +496,10 @@ class _Context:
     pool_x: np.ndarray
     pool_y: np.ndarray
     pool_z: np.ndarray | None
+    aux_x: np.ndarray
+    aux_y: np.ndarray
+    aux_z: np.ndarray | None
+    aux_info: dict
     train_x: np.ndarray
     train_y: np.ndarray
     eval_x: np.ndarray
@@ -515,39 +516,22 @@ def _context(config: StudyConfig) -> _Context:
     train_set, eval_set = dataset.split(config.train_fraction, seed=config.seed)
     if eval_set.n < 4 or train_set.n < 1:
         raise InputError(f"data set {dataset.name!r} has only {dataset.n} examples; too few to split")
-    pool = eval_set.subset(slice(0, config.n))
-    if pool.n < max(4, max(config.batch_sizes) if config.study == "aggregation" else config.update_batch_size):
+    n_pool, n_aux, compromise = split_victims_aux(eval_set.n, config.n, config.aux_n)
+    pool = eval_set.subset(slice(0, n_pool))
+    aux = eval_set.subset(slice(n_pool, n_pool + n_aux))
+    largest = max(4, max(config.batch_sizes) if config.study == "aggregation" else config.update_batch_size)
+    if pool.n < largest:
         raise InputError(f"the held-out pool has {pool.n} examples, fewer than the largest batch size")
-    return _Context(config, dataset, pool.x, pool.y, pool.latent.get(config.latent), train_set.x, train_set.y,
-                    eval_set.x, eval_set.y)
-
-
-def _trained(ctx: _Context, setting: Setting) -> tuple[Task, dict]:
-    """The model measured in ``setting`` (trained with its defence) and its training facts."""
-    from jaxleak.train import accuracy, train
-
-    config = ctx.config
-    epochs = config.epochs if setting.epochs is None else setting.epochs
-    defense = setting.defense if config.study == "defenses" else None
-    key = (epochs, defense)
-    if key in ctx.tasks:
-        return ctx.tasks[key]
-    options = {**config.model_options, **defenses_lib.model_options(defense)}
-    task = Task.init(config.model, ctx.dataset, config.seed, **options)
-    result = train(task, ctx.train_x, ctx.train_y, epochs=epochs, batch_size=config.batch_size, lr=config.lr,
-                   seed=config.seed, defense=defense)
-    batch = int(min(config.batch_size, ctx.train_x.shape[0]))
-    steps = epochs * (ctx.train_x.shape[0] // batch)
-    info = {"epochs": epochs, "train_loss": result.losses, "test_accuracy": accuracy(result.task, ctx.eval_x, ctx.eval_y),
-            "train_examples": int(ctx.train_x.shape[0]), "eval_examples": int(ctx.eval_x.shape[0])}
-    if isinstance(defense, defenses_lib.DP):
-        rate = batch / ctx.train_x.shape[0]
-        info["dp"] = {"epsilon": defenses_lib.dp_epsilon(defense.noise_multiplier, rate, steps, config.dp_delta),
-                      "delta": config.dp_delta, "sampling_rate": rate, "steps": steps,
-                      "noise_multiplier": defense.noise_multiplier, "clip_norm": defense.clip_norm,
-                      "accountant": "rdp, Poisson-subsampled Gaussian (dp_accounting)"}
-    ctx.tasks[key] = (result.task, info)
-    return ctx.tasks[key]
+    if 0 < aux.n < largest:
+        n_aux, compromise = 0, (f"only {aux.n} auxiliary examples, fewer than the largest batch size {largest}: "
+                                f"V-information is cross-fitted over the victims' updates")
+        aux = eval_set.subset(slice(n_pool, n_pool))
+    aux_info = {"n": n_aux, "requested": config.aux_n, "compromise": compromise,
+                "source": (f"held-out examples of {dataset.name!r}, disjoint from the victims' pool and the training "
+                           f"data; the attacker simulates client updates of the same B and K from them")
+                if n_aux else "none: V-information is cross-fitted over the victims' updates"}
+    return _Context(config, dataset, pool.x, pool.y, pool.latent.get(config.latent), aux.x, aux.y,
+                    aux.latent.get(config.latent), aux_info, train_set.x, train_set.y, eval_set.x, eval_set.y)
 
 
 def _undefined_reason(measure: str, defense) -> str | None:
@@ -563,7 +547,7 @@ class _SettingData:
 
     def __init__(self, ctx: _Context, setting: Setting):
         self.ctx, self.setting = ctx, setting
-        self._task = self._info = self._features = None
+        self._task = self._info = self._features = self._aux = None
 
     @property
     def task(self) -> Task:
@@ -592,6 +576,20 @@ class _SettingData:
                                            sketch_dim=c.sketch_dim)
         return self._features
 
+    def aux(self, victims_target: str):
+        """The attacker's simulated updates (same B, K, defence and sketch) and their victims' targets, or None."""
+        ctx = self.ctx
+        if not ctx.aux_info["n"]:
+            return None
+        if self._aux is None:
+            c = ctx.config
+            self._aux = study_updates(self.task, ctx.aux_x, ctx.aux_y, defense=self.setting.defense,
+                                      batch_size=self.setting.batch_size, local_steps=self.setting.local_steps,
+                                      lr=c.local_lr, num_updates=int(ctx.aux_info["n"]), seed=c.seed + 1,
+                                      sketch_dim=c.sketch_dim, sketch_seed=c.seed)
+        features, _, _, victims = self._aux
+        return features, (ctx.aux_z if victims_target == "latent" else ctx.aux_x)[victims]
+
     def sketched(self) -> dict[str, int]:
         return {layer.name: layer.size for layer in self.task.layers if layer.size > self.ctx.config.sketch_dim}
 
@@ -613,8 +611,8 @@ class _SettingData:
             return _subspace_scores(features, self.ctx.pool_z[victims], self.ctx.pool_y[victims], c.permutations,
                                     c.seed, self.sketched()).to_dict()
         if measure == "v_information.latent":
-            return _vinfo_scores(features, self.ctx.pool_z[victims], c, self.sketched()).to_dict()
-        return _vinfo_scores(features, self.ctx.pool_x[victims], c, self.sketched()).to_dict()
+            return _vinfo_scores(features, self.ctx.pool_z[victims], c, self.sketched(), self.aux("latent")).to_dict()
+        return _vinfo_scores(features, self.ctx.pool_x[victims], c, self.sketched(), self.aux("input")).to_dict()
 
 
 # ---------------------------------------------------------------- the study
@@ -623,10 +621,6 @@ def headline(measure: str, layer_entry: Mapping) -> float | None:
     """The per-layer number a study plots and checks: ``excess`` for subspace distance, else ``value``."""
     v = layer_entry.get("excess" if measure == "subspace_distance" else "value")
     return None if v is None else float(v)
-
-
-def _part(out: str, setting: str, measure: str) -> str:
-    return os.path.join(out, "parts", setting, f"{measure}.json")
 
 
 def run_study(config: StudyConfig, *, out: str | None = None, resume: bool = False, progress: bool = True,
@@ -675,6 +669,7 @@ def run_study(config: StudyConfig, *, out: str | None = None, resume: bool = Fal
                         "latent_descriptions": dict(ctx.dataset.descriptions)},
             "model": {"name": config.model, "num_params": base_task.num_params,
                       "layers": [{"name": layer.name, "params": layer.size} for layer in base_task.layers]},
+            "aux": ctx.aux_info,
             **body,
             "environment": environment(),
         }
@@ -687,13 +682,6 @@ def run_study(config: StudyConfig, *, out: str | None = None, resume: bool = Fal
         write_report(out, title=f"jaxleak study: {config.study} ({config.model} on {ctx.dataset.name})")
     results["out"] = out
     return results
-
-
-def _load(path: str) -> dict | None:
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
 
 
 def _run_settings(ctx: _Context, out: str, resume: bool, progress: bool, on_part) -> dict:

@@ -621,6 +621,45 @@ def balanced_groups(z, *, seed: int = 0, max_per_group: int | None = None,
     return np.concatenate([np.sort(pairs[:, 0]), np.sort(pairs[:, 1])]), np.repeat(np.array([0, 1]), n)
 
 
+def with_verdicts(scores: dict[str, Score], alpha: float = 0.05) -> dict[str, Score]:
+    """Holm-adjusted permutation p-values over layers, ``detected`` (adjusted p < alpha) and the detectable size.
+
+    ``detectable`` is the excess that a layer would need for 80% power at
+    Holm's strictest threshold alpha / L, in units of its permutation null's
+    spread: (z_{1 - alpha/L} + z_{0.8}) * null_sd. ``excess_ci`` is the excess
+    +- 1.96 null sd, the band used to call layers tied. With R permutations
+    no p-value is below 1 / (R + 1): with R + 1 <= L / alpha no layer can
+    pass Holm's first threshold (:func:`p_floor_note` says so in the meta).
+    """
+    from scipy.stats import norm
+
+    from jaxleak.scores import holm
+
+    names = list(scores)
+    adjusted = holm([scores[n].extras.get("p_value", math.nan) for n in names])
+    tests = sum(1 for p in adjusted if math.isfinite(p))
+    power = float(norm.isf(alpha / max(tests, 1)) + norm.isf(0.2))
+    out = {}
+    for name, p_adj in zip(names, adjusted):
+        s = scores[name]
+        sd, excess = s.extras.get("null_sd", math.nan), s.extras.get("excess", math.nan)
+        finite = math.isfinite(p_adj)
+        out[name] = Score(s.value, s.ci, {
+            **s.extras, "p_holm": p_adj if finite else None, "detected": bool(finite and p_adj < alpha),
+            "detectable": power * sd if math.isfinite(sd) else None,
+            "excess_ci": [excess - 1.96 * sd, excess + 1.96 * sd] if math.isfinite(sd * excess) else None})
+    return out
+
+
+def p_floor_note(permutations: int, layers: int, alpha: float = 0.05) -> str | None:
+    """Why a permutation test may be unable to detect anything at all, or None."""
+    floor = 1.0 / (permutations + 1)
+    if floor * layers < alpha:
+        return None
+    return (f"with {permutations} permutations no p-value is below {floor:.3g}, so Holm over {layers} layers "
+            f"cannot reach {alpha} for any layer; use at least {int(math.ceil(layers / alpha))} permutations")
+
+
 def subspace_distance(task: Task, x, y, z, *, energy: float = 0.9, rank: int | None = None,
                       permutations: int = 20, seed: int = 0, layers: Sequence[str] | None = None,
                       progress: bool = False, max_per_group: int | None = None,
@@ -646,8 +685,9 @@ def subspace_distance(task: Task, x, y, z, *, energy: float = 0.9, rank: int | N
     Returns:
       :class:`LayerScores` ``'subspace_distance'``: ``value`` = D_l in [0, 1];
       extras ``null_mean``, ``null_sd``, ``excess`` (D_l - null mean: the
-      leakage signal), ``p_value``, ``k``, ``n_per_group`` and
-      ``gram_source``.
+      leakage signal), ``p_value``, ``p_holm`` (Holm over layers),
+      ``detected`` (p_holm < 0.05), ``detectable`` (see :func:`with_verdicts`),
+      ``excess_ci``, ``k``, ``n_per_group`` and ``gram_source``.
     """
     if not (isinstance(energy, (int, float)) and 0 < energy <= 1):
         raise InputError(f"energy must be in (0, 1], got {energy!r}")
@@ -679,5 +719,8 @@ def subspace_distance(task: Task, x, y, z, *, energy: float = 0.9, rank: int | N
         "seed": int(seed),
         "signal": "excess = D_l - permutation null mean",
         "p_value": "(1 + #{null >= D_l}) / (R + 1)",
+        "detected": "Holm-adjusted p-value over layers (p_holm) below 0.05",
+        "p_floor": p_floor_note(int(permutations), len(scores)),
     }
-    return LayerScores("subspace_distance", scores, unit="dimensionless", meta=meta, rank_by="excess")
+    return LayerScores("subspace_distance", with_verdicts(scores), unit="dimensionless", meta=meta,
+                       rank_by="excess")

@@ -27,6 +27,7 @@ import numpy as np
 from jaxleak import io
 from jaxleak.errors import InputError
 from jaxleak.scores import LayerScores, Score
+from jaxleak.setting import Setting, load_part, part_path, trained
 from jaxleak.task import Task
 
 VALIDATION_MEASURES = ("sensitivity", "attack_psnr", "subspace_distance", "v_information.latent")
@@ -88,29 +89,28 @@ def _measure(ctx, task: Task, measure: str) -> dict:
         return subspace_distance(task, x, y, z, permutations=config.permutations, seed=config.seed).to_dict()
     from jaxleak.vinfo import v_information
 
-    return v_information(task, x, y, z, sketch_dim=config.sketch_dim, steps=config.vinfo_steps,
+    aux = (ctx.aux_x, ctx.aux_y, ctx.aux_z) if ctx.aux_info["n"] else None
+    return v_information(task, x, y, z, aux=aux, sketch_dim=config.sketch_dim, steps=config.vinfo_steps,
                          folds=config.vinfo_folds, n_boot=config.vinfo_boot, seed=config.seed).to_dict()
 
 
 def run_validation(ctx, out: str, *, resume: bool, progress: bool,
                    on_part: Callable[[str, str], None] | None = None) -> dict:
     """The body of the ``validation`` study: per-example measures, per-layer attacks, correlations."""
-    from jaxleak.studies import Setting, _load, _part, _trained
-
     setting = Setting("default", {}, None, 1, 1)
     info_path = os.path.join(out, "parts", setting.key, "info.json")
-    info = _load(info_path) if resume else None
+    info = load_part(info_path) if resume else None
     task = None
     if info is None:
-        task, info = _trained(ctx, setting)
+        task, info = trained(ctx, setting)
         io.write_json(info_path, info)
     measures, timing = {}, {}
     for measure in VALIDATION_MEASURES:
-        path = _part(out, setting.key, measure)
-        entry = _load(path) if resume else None
+        path = part_path(out, setting.key, measure)
+        entry = load_part(path) if resume else None
         if entry is None:
             if task is None:
-                task, _ = _trained(ctx, setting)
+                task, _ = trained(ctx, setting)
             t0 = time.time()
             entry = _measure(ctx, task, measure)
             entry["seconds"] = time.time() - t0

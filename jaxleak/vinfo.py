@@ -4,27 +4,41 @@ Usable information (Xu et al., ICLR 2020) for a predictive family V:
 
     I_V(G -> T) = H_V(T | 0) - H_V(T | G),   H_V(T | G) = inf_{f in V} E[-log f[G](T)].
 
-Estimated by cross-fitting: for each of k folds an ensemble of attack models
-(:mod:`jaxleak.ensemble`: linear and one-hidden-layer MLP, several weight
-decays and seeds) trains on the other folds, the member with the lowest
-validation loss (validation carved from the training part) is kept, and it
-scores the held-out fold. Every example is scored once, by a model that never
-saw it. Reported per layer with a 95% percentile bootstrap interval over the
-held-out examples; values are raw (they can be slightly negative).
+**The attacker's own data.** With auxiliary data (``aux``), every attack model
+is trained and selected on the gradients of the auxiliary examples only (a
+validation split inside them chooses the member, its early-stopping step and
+any mixing with the prior) and scored once on the victims' gradients: the
+threat of an attacker who knows the weights and simulates gradients of data
+of its own. Without auxiliary data the estimate is cross-fitted over the
+measured examples (each scored once by a model that never saw it).
+
+**Honest estimates.** The estimate is the held-out gain of the selected attack
+model over the null, raw, with a 95% percentile bootstrap interval over the
+scored examples; it can be negative, and a weak attack is never replaced by
+the null (an exact 0 would be a false all-clear). ``detected`` is the
+interval lying above 0; where it does not, ``detectable`` (2.8 bootstrap
+standard errors: 80% power at the 5% level) says how large an effect this
+run could have detected.
 
 - Classification (integer target, e.g. a latent attribute): softmax
-  classifiers; H_V(T|0) is the cross-entropy of held-out labels under the
-  training fold's Laplace-smoothed class frequencies. Bits per example. The
+  classifiers; H_V(T|0) is the cross-entropy of the scored labels under the
+  attacker's Laplace-smoothed class frequencies. Bits per example. The
   chosen classifier's probabilities are mixed with those frequencies at a
   weight (0.001 to 0.3) chosen on validation, which bounds what one
-  confidently wrong prediction can cost (``prior_weight`` per fold).
+  confidently wrong prediction can cost (``prior_weight``).
 - Reconstruction (floating target, e.g. the input): Gaussian decoders
   N(t; mu(g), s^2 I) with the best s, whose NLL is (D/2) log(2 pi e MSE / D);
   I_V = (1/2) log2(MSE_0 / MSE_G) bits per target dimension, MSE_0 being the
-  error of the training mean. Targets of more than ``target_dim`` (128)
+  error of the attacker's mean. Targets of more than ``target_dim`` (128)
   dimensions are decoded in the span of the training targets' top principal
   directions (a restricted family: a lower bound). Decoder outputs are
   clipped to the training targets' range.
+- White box (``family`` ``"inversion"``, needs a model and auxiliary data):
+  the decoder mean is the Inverting Gradients reconstruction that matches
+  layer l's gradient alone, shrunk towards the auxiliary mean by a factor
+  fitted on auxiliary examples; for a latent target, an attribute classifier
+  trained on the auxiliary inputs reads the reconstruction. It competes with
+  the learned members on the same auxiliary validation rows.
 """
 
 from __future__ import annotations
@@ -130,61 +144,96 @@ def _target(target, n: int) -> tuple[str, np.ndarray, dict]:
     return ensemble.REGRESSION, t.astype(np.float64), {"shape": list(t.shape[1:])}
 
 
-def _bootstrap(stat, n: int, n_boot: int, rng: np.random.Generator, *arrays) -> tuple[float, float]:
-    """95% percentile interval of ``stat(*resampled arrays)`` over examples."""
+
+
+def _aux_target(target, aux_target, n_aux: int) -> np.ndarray:
+    """Victims' and attacker's targets, one array (victims first), with the aux part checked on its own."""
+    t, ta = np.asarray(target), np.asarray(aux_target)
+    if ta.ndim == 0 or ta.shape[0] != n_aux:
+        raise InputError(f"aux target has shape {ta.shape}; its first axis must have the {n_aux} auxiliary "
+                         f"examples of the aux features")
+    if ta.shape[1:] != t.shape[1:]:
+        raise InputError(f"aux target has per-example shape {ta.shape[1:]}, the victims' target {t.shape[1:]}")
+    if (np.issubdtype(t.dtype, np.floating)) != (np.issubdtype(ta.dtype, np.floating)):
+        raise InputError(f"aux target ({ta.dtype}) and target ({t.dtype}) must both be classes or both floats")
+    return np.concatenate([t, ta.astype(t.dtype)])
+
+
+# 80% power at a two-sided 5% level: an effect of (1.96 + 0.84) standard errors is detected 4 times in 5.
+DETECTABLE_SE = 2.8
+
+
+def _interval(stat, n: int, n_boot: int, rng: np.random.Generator, *arrays) -> dict:
+    """95% percentile bootstrap interval over the scored examples, its standard error, and the verdict."""
     idx = rng.integers(0, n, size=(n_boot, n))
     values = stat(*(a[idx] for a in arrays))
     low, high = np.quantile(values, [0.025, 0.975])
-    return float(low), float(high)
-
-
-IGNORANT = "ignorant predictor (no member beat it on validation)"
+    se = float(np.std(values, ddof=1)) if n_boot > 1 else float("nan")
+    return {"ci": (float(low), float(high)), "se": se, "detected": bool(low > 0.0),
+            "detectable": DETECTABLE_SE * se}
 
 
 def _chosen_members(fit: ensemble.EnsembleFit, layer: int) -> tuple[str, list[str], list[int]]:
     """Most frequent choice over folds, each fold's choice, and the step its parameters come from."""
     names, steps = [], []
     for f, m in enumerate(int(m) for m in fit.chosen[layer]):
-        names.append(IGNORANT if m < 0 else fit.members[m].describe())
-        steps.append(0 if m < 0 else int(fit.best_step[layer, f, m]))
+        if m == len(fit.members):
+            names.append(f"average of the {m} members")
+            steps.append(None)
+        else:
+            names.append(fit.members[m].describe())
+            steps.append(int(fit.best_step[layer, f, m]))
     best = Counter(names).most_common(1)[0][0]
     return best, names, steps
 
 
-def _classification_scores(names, fit, y, rng, n_boot) -> dict[str, Score]:
+class _Scored:
+    """One layer's selected attack on its scored examples: per-example losses, null losses, predictions."""
+
+    def __init__(self, rows, loss, null_loss, pred, member: str, extras: dict):
+        self.rows, self.loss, self.null_loss, self.pred = rows, loss, null_loss, pred
+        self.member, self.extras = member, extras
+
+
+def _learned(fit: ensemble.EnsembleFit, layer: int) -> _Scored:
+    best, per_fold, steps = _chosen_members(fit, layer)
+    extras = {"members_chosen": per_fold, "best_steps": steps}
+    if fit.mix is not None:
+        extras["prior_weight"] = [float(w) for w in fit.mix[layer]]
+    pred = fit.heldout_pred[layer]
+    return _Scored(fit.rows, fit.heldout_loss[layer], fit.null_loss, fit.decode(pred) if fit.mix is None else pred,
+                   best, extras)
+
+
+def _classification_score(scored: _Scored, y: np.ndarray, rng, n_boot: int) -> Score:
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
     ln2 = math.log(2.0)
-    n = y.size
-    num_classes = fit.heldout_pred.shape[-1]
-    out = {}
-    for i, name in enumerate(names):
-        diff = (fit.null_loss - fit.heldout_loss[i]) / ln2
-        value = float(diff.mean())
-        ci = _bootstrap(lambda d: d.mean(axis=1), n, n_boot, rng, diff)
-        prob = np.asarray(fit.heldout_pred[i], np.float64)
-        pred = prob.argmax(axis=1)
-        try:
-            if num_classes == 2:
-                auc = float(roc_auc_score(y, prob[:, 1]))
-            else:
-                prob = prob / prob.sum(axis=1, keepdims=True)
-                auc = float(roc_auc_score(y, prob, multi_class="ovr", average="macro", labels=np.arange(num_classes)))
-        except ValueError:
-            auc = float("nan")
-        best, per_fold, steps = _chosen_members(fit, i)
-        out[name] = Score(value, ci, {
-            "h_null": float(fit.null_loss.mean() / ln2),
-            "h_cond": float(fit.heldout_loss[i].mean() / ln2),
-            "accuracy": float(np.mean(pred == y)),
-            "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-            "roc_auc": auc,
-            "best_member": best,
-            "members_chosen": per_fold,
-            "best_steps": steps,
-            "prior_weight": [float(w) for w in fit.mix[i]],
-        })
-    return out
+    y = y[scored.rows]
+    diff = (scored.null_loss - scored.loss) / ln2
+    verdict = _interval(lambda d: d.mean(axis=-1), y.size, n_boot, rng, diff)
+    prob = np.asarray(scored.pred, np.float64)
+    num_classes = prob.shape[-1]
+    pred = prob.argmax(axis=1)
+    try:
+        if num_classes == 2:
+            auc = float(roc_auc_score(y, prob[:, 1]))
+        else:
+            prob = prob / prob.sum(axis=1, keepdims=True)
+            auc = float(roc_auc_score(y, prob, multi_class="ovr", average="macro", labels=np.arange(num_classes)))
+    except ValueError:
+        auc = float("nan")
+    return Score(float(diff.mean()), verdict.pop("ci"), {
+        **verdict,
+        "h_null": float(scored.null_loss.mean() / ln2),
+        "h_cond": float(scored.loss.mean() / ln2),
+        "accuracy": float(np.mean(pred == y)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "roc_auc": auc,
+        "scored": int(y.size),
+        "best_member": scored.member,
+        **scored.extras,
+    })
 
 
 def _image_metrics(recon: np.ndarray, target: np.ndarray, data_range: float) -> dict:
@@ -196,87 +245,141 @@ def _image_metrics(recon: np.ndarray, target: np.ndarray, data_range: float) -> 
             "ssim": float(np.mean(np.asarray(metrics.ssim(recon, images, data_range))))}
 
 
-def _reconstruction_scores(names, fit, target, rng, n_boot) -> dict[str, Score]:
+def _reconstruction_score(scored: _Scored, target: np.ndarray, data_range: float, rng, n_boot: int) -> Score:
+    target = target[scored.rows]
     n = target.shape[0]
     dims = int(np.prod(target.shape[1:], dtype=np.int64))
-    image = target.ndim in (3, 4)
-    data_range = 1.0 if target.min() >= 0.0 and target.max() <= 1.0 else float(np.ptp(target))
     half_log2 = lambda num, den: 0.5 * np.log2(num / den)  # noqa: E731
-    mse_null = fit.null_loss.sum() / (n * dims)
-    out = {}
-    for i, name in enumerate(names):
-        se = fit.heldout_loss[i]
-        mse = se.sum() / (n * dims)
-        value = float(half_log2(fit.null_loss.sum(), se.sum()))
-        ci = _bootstrap(lambda a, b: half_log2(a.sum(axis=1), b.sum(axis=1)), n, n_boot, rng, fit.null_loss, se)
-        best, per_fold, steps = _chosen_members(fit, i)
-        extras = {
-            "h_null": float(0.5 * math.log2(2 * math.pi * math.e * mse_null)) if mse_null > 0 else float("-inf"),
-            "h_cond": float(0.5 * math.log2(2 * math.pi * math.e * mse)) if mse > 0 else float("-inf"),
-            "mse": float(mse),
-            "mse_null": float(mse_null),
-        }
-        if image:
-            extras.update(_image_metrics(fit.decode(fit.heldout_pred[i]), target, data_range))
-        else:
-            extras["psnr"] = float(10 * math.log10(data_range ** 2 / mse)) if mse > 0 else float("inf")
-        extras.update({"best_member": best, "members_chosen": per_fold, "best_steps": steps})
-        out[name] = Score(value, ci, extras)
-    return out
+    se, null = scored.loss, scored.null_loss
+    mse, mse_null = se.sum() / (n * dims), null.sum() / (n * dims)
+    verdict = _interval(lambda a, b: half_log2(a.sum(axis=-1), b.sum(axis=-1)), n, n_boot, rng, null, se)
+    extras = {
+        **verdict,
+        "h_null": float(0.5 * math.log2(2 * math.pi * math.e * mse_null)) if mse_null > 0 else float("-inf"),
+        "h_cond": float(0.5 * math.log2(2 * math.pi * math.e * mse)) if mse > 0 else float("-inf"),
+        "mse": float(mse),
+        "mse_null": float(mse_null),
+        "scored": int(n),
+    }
+    if target.ndim in (3, 4):
+        extras.update(_image_metrics(np.asarray(scored.pred), target, data_range))
+    else:
+        extras["psnr"] = float(10 * math.log10(data_range ** 2 / mse)) if mse > 0 else float("inf")
+    extras.update({"best_member": scored.member, **scored.extras})
+    return Score(float(half_log2(null.sum(), se.sum())), extras.pop("ci"), extras)
 
 
-def _estimate(names: list[str], arrays: list[np.ndarray], target, *, sketched: dict, family, weight_decays, seeds,
-              folds, sketch_dim, steps, seed, hidden, lr, patience, val_fraction, n_boot, target_dim,
-              progress) -> LayerScores:
-    kind, t, target_info = _target(target, arrays[0].shape[0])
+def _data_range(t: np.ndarray) -> float:
+    return 1.0 if t.min() >= 0.0 and t.max() <= 1.0 else float(np.ptp(t))
+
+
+class _Fitted:
+    """The learned families' ensemble fit, with what scoring and the white-box family need."""
+
+    def __init__(self, kind, t, target_info, fit, split, members, widths):
+        self.kind, self.t, self.target_info, self.fit = kind, t, target_info, fit
+        self.split, self.members, self.widths = split, members, widths
+
+
+def _fit(arrays: list[np.ndarray], target, *, n_aux: int, aux_target, family, weight_decays, seeds, folds,
+         steps, seed, hidden, lr, patience, val_fraction, target_dim, progress) -> _Fitted:
+    n = arrays[0].shape[0] - n_aux
+    t_all = _aux_target(target, aux_target, n_aux) if n_aux else target
+    kind, t, target_info = _target(t_all, n + n_aux)
+    strata = t if kind == ensemble.CLASSIFICATION else None
+    if n_aux:
+        split = ensemble.attacker_split(n, n_aux, folds, seed=seed, strata=None if strata is None else strata[n:])
+    else:
+        split = ensemble.cross_fit_split(n, folds, val_fraction=val_fraction, seed=seed, strata=strata)
     members = ensemble.make_members(family, weight_decays, seeds, hidden, seed)
-    n = t.shape[0]
-    split = ensemble.cross_fit_split(n, folds, val_fraction=val_fraction, seed=seed,
-                                     strata=t if kind == ensemble.CLASSIFICATION else None)
     x, widths = _stack(arrays)
     num_classes = int(t.max()) + 1 if kind == ensemble.CLASSIFICATION else None
     fit = ensemble.fit_ensemble(x, t, split, members, kind=kind, num_classes=num_classes, widths=widths,
                                 steps=steps, lr=lr, patience=patience, target_dim=target_dim, progress=progress)
+    return _Fitted(kind, t, target_info, fit, split, members, widths)
+
+
+def _learned_families(family) -> tuple[str, ...]:
+    family = (family,) if isinstance(family, str) else tuple(family)
+    for name in family:
+        if name not in ensemble.FAMILIES + ("inversion",):
+            raise InputError(f"unknown attack family {name!r}; known families are "
+                             f"{list(ensemble.FAMILIES) + ['inversion']}")
+    return tuple(f for f in family if f != "inversion")
+
+
+def _scores(names: list[str], fitted: _Fitted, *, seed: int, n_boot: int, sketched: dict, sketch_dim: int,
+            n_aux: int, folds: int, val_fraction: float, steps: int, lr: float, patience, white_box=None
+            ) -> LayerScores:
+    """Score each layer's selected attack (learned, or the white-box one where it won on aux validation)."""
     rng = np.random.default_rng(seed)
-    if kind == ensemble.CLASSIFICATION:
-        scores = _classification_scores(names, fit, t, rng, n_boot)
-        unit = "bits"
-    else:
-        scores = _reconstruction_scores(names, fit, t, rng, n_boot)
-        unit = "bits/dim"
-    for name, w in zip(names, widths):
-        scores[name] = Score(scores[name].value, scores[name].ci,
-                             {**scores[name].extras, "features": int(w), "sketched_from": sketched.get(name)})
+    kind, t, fit = fitted.kind, fitted.t, fitted.fit
+    scores = {}
+    for i, name in enumerate(names):
+        scored = _Scored(**white_box[name]) if white_box and name in white_box else _learned(fit, i)
+        if kind == ensemble.CLASSIFICATION:
+            score = _classification_score(scored, t, rng, n_boot)
+        else:
+            score = _reconstruction_score(scored, t, _data_range(t), rng, n_boot)
+        scores[name] = Score(score.value, score.ci, {**score.extras, "features": int(fitted.widths[i]),
+                                                     "sketched_from": sketched.get(name)})
+    estimator = (f"attack models trained and selected on the auxiliary examples' gradients ({folds}-fold "
+                 f"cross-validation inside them: one member chosen by its pooled out-of-fold NLL), each victim "
+                 f"scored once by the average of the {folds} fold models" if n_aux else
+                 f"{folds}-fold cross-fitted held-out NLL of the member with the lowest validation NLL")
     meta = {
-        "target": kind, **target_info,
-        "estimator": f"{folds}-fold cross-fitted held-out NLL of the member with the lowest validation NLL",
-        "members": [m.describe() for m in members],
-        "folds": int(folds), "val_fraction": float(val_fraction), "steps": int(steps), "steps_run": int(fit.steps_run),
-        "lr": float(lr), "patience": patience, "sketch_dim": int(sketch_dim), "seed": int(seed),
-        "ci": f"95% percentile bootstrap over held-out examples ({n_boot} resamples)",
-        "null": ("Laplace-smoothed training-fold class frequencies" if kind == ensemble.CLASSIFICATION
-                 else "training-fold mean (Gaussian with the best variance)"),
+        "target": kind, **fitted.target_info,
+        "estimator": estimator,
+        "aux_examples": int(n_aux),
+        "victims": int(fit.rows.size),
+        "members": [m.describe() for m in fitted.members] + (["inversion"] if white_box is not None else []),
+        "folds": int(folds), "val_fraction": None if n_aux else float(val_fraction), "steps": int(steps),
+        "steps_run": int(fit.steps_run), "lr": float(lr), "patience": patience, "sketch_dim": int(sketch_dim),
+        "seed": int(seed),
+        "ci": f"95% percentile bootstrap over the scored examples ({n_boot} resamples)",
+        "detected": "the interval's lower end lies above 0",
+        "detectable": f"{DETECTABLE_SE} bootstrap standard errors (80% power at the 5% level)",
+        "null": (("Laplace-smoothed class frequencies" if kind == ensemble.CLASSIFICATION
+                  else "mean (Gaussian with the best variance)")
+                 + (" of the auxiliary examples" if n_aux else " of the training folds")),
         "lower_bound": LOWER_BOUND_NOTE if sketched else None,
         "target_reduced_to": (int(fit.target_basis.shape[2]) if fit.target_basis is not None else None),
         "mix_weights": [float(w) for w in ensemble.MIX_WEIGHTS] if kind == ensemble.CLASSIFICATION else None,
         "sketched_layers": sorted(sketched),
     }
+    unit = "bits" if kind == ensemble.CLASSIFICATION else "bits/dim"
     return LayerScores("v_information", scores, unit=unit, meta=meta)
 
 
 def _check_options(sketch_dim, folds, n_boot, steps):
     if not isinstance(sketch_dim, (int, np.integer)) or sketch_dim < 1:
         raise InputError(f"sketch_dim must be a positive integer, got {sketch_dim!r}")
-    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise InputError(f"n_boot must be a positive integer, got {n_boot!r}")
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise InputError(f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 2:
+        raise InputError(f"n_boot must be an integer >= 2, got {n_boot!r}")
+    if not isinstance(steps, (int, np.integer)) or steps < 2:
+        raise InputError(f"steps must be an integer >= 2, got {steps!r}")
+
+
+def _with_aux(names, arrays, aux_features) -> tuple[list[np.ndarray], int]:
+    """Victims' rows followed by the attacker's, layer by layer (same layers, same widths)."""
+    if aux_features is None:
+        return arrays, 0
+    aux_names, aux_arrays = _as_features(aux_features)
+    if aux_names != names:
+        raise InputError(f"aux_features has layers {aux_names}; they must be the features' layers {names}, "
+                         f"in the same order")
+    for name, a, b in zip(names, arrays, aux_arrays):
+        if a.shape[1] != b.shape[1]:
+            raise InputError(f"aux_features of layer {name!r} have {b.shape[1]} columns, the features {a.shape[1]}")
+    return [np.concatenate([a, b]) for a, b in zip(arrays, aux_arrays)], aux_arrays[0].shape[0]
 
 
 def v_information_from_features(
     features: Mapping[str, object],
     target,
     *,
+    aux_features: Mapping[str, object] | None = None,
+    aux_target=None,
     family: Sequence[str] = ("linear", "mlp"),
     weight_decays: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1),
     seeds: int = 2,
@@ -295,50 +398,83 @@ def v_information_from_features(
     """Empirical V-information I_V(G_l -> T) of each layer's features about ``target``.
 
     Args:
-      features: ``{layer: (N, d_l)}`` per-example observations (per-example
+      features: ``{layer: (N, d_l)}`` the victims' observations (per-example
         or sketched gradients, client updates, defended gradients); trailing
         axes beyond the first are flattened. Layers wider than ``sketch_dim``
         are count-sketched (seeded by ``seed``) to ``sketch_dim`` columns;
         narrower ones are zero-padded to the widest, which changes neither
-        family. Standardised per fold with training statistics only.
+        family. Standardised with the training rows' statistics only.
       target: ``(N,)`` integers -> classification, value in **bits**;
         ``(N, ...)`` floats -> reconstruction with Gaussian decoders, value
         in **bits per target dimension**, (1/2) log2(MSE_0 / MSE_G).
+      aux_features, aux_target: the attacker's own examples, ``{layer:
+        (N_aux, d_l)}`` (same layers and widths) and their targets. Given,
+        every attack model trains and is selected on them alone (``folds``-fold
+        cross-validation inside them: the member with the lowest pooled
+        out-of-fold loss is chosen), the null is their class frequencies or
+        mean, and each victim is scored once, by the average of the fold
+        models' predictions. None: ``folds``-fold cross-fitting over the
+        victims, ``val_fraction`` of each training part validating.
       family: attack families, ``'linear'`` and/or ``'mlp'`` (one hidden
-        ReLU layer of width ``hidden``).
+        ReLU layer of width ``hidden``). (The white-box ``'inversion'``
+        family needs a model: :func:`v_information`.)
       weight_decays: L2 penalties lambda (objective: mean NLL + lambda/2 ||W||^2
         on standardised features); ``seeds`` MLP initialisations each.
-      folds: cross-fitting folds; ``val_fraction`` of each training part
-        validates (early stopping and member selection).
       steps, lr, patience: full-batch Adam budget (cosine-decayed learning
         rate), and early stopping of the whole ensemble once no member has
         improved for ``patience`` steps; each member keeps its best
-        validated parameters.
+        validated parameters after at least one update.
       n_boot: bootstrap resamples for the 95% interval.
       target_dim: a reconstruction target with more dimensions than this
         (e.g. a 32x32x3 image) is decoded in the span of the training
-        folds' top ``target_dim`` principal directions; the value is then a
+        rows' top ``target_dim`` principal directions; the value is then a
         lower bound (see :func:`jaxleak.ensemble.fit_ensemble`). None: full
         decoders (their size is features x target dimensions per member).
       progress: show a progress bar while the ensemble trains.
 
     Returns:
-      :class:`LayerScores` ``"v_information"``: value I_V and its 95% CI,
-      extras ``h_null`` = H_V(T|0) and ``h_cond`` = H_V(T|G) (bits, or bits
-      per dimension as differential entropies), the chosen member
+      :class:`LayerScores` ``"v_information"``: value I_V (raw, possibly
+      negative) and its 95% CI, ``detected`` (CI above 0), ``se`` and
+      ``detectable`` (the smallest effect this run detects with 80% power),
+      ``h_null`` = H_V(T|0) and ``h_cond`` = H_V(T|G) (bits, or bits per
+      dimension as differential entropies), the chosen member
       (``best_member``, and per fold ``members_chosen``/``best_steps``),
       plus accuracy, balanced accuracy and ROC-AUC (macro one-vs-rest for
       more than two classes) for classification, or MSE, PSNR (dB) and, for
-      image-shaped targets ``(N, H, W[, C])``, SSIM of the held-out
-      reconstructions.
+      image-shaped targets ``(N, H, W[, C])``, SSIM of the reconstructions.
     """
     _check_options(sketch_dim, folds, n_boot, steps)
+    learned = _learned_families(family)
+    if "inversion" in ((family,) if isinstance(family, str) else tuple(family)):
+        raise InputError("the 'inversion' family inverts gradients through a model; use v_information(task, ...) "
+                         "with aux=(...) for it")
+    if (aux_features is None) != (aux_target is None):
+        raise InputError("give aux_features and aux_target together (the attacker's observations and targets)")
     names, arrays = _as_features(features)
+    arrays, n_aux = _with_aux(names, arrays, aux_features)
     arrays, sketched = _sketch(names, arrays, int(sketch_dim), seed)
-    return _estimate(names, arrays, target, sketched=sketched, family=family, weight_decays=weight_decays,
-                     seeds=seeds, folds=folds, sketch_dim=sketch_dim, steps=steps, seed=seed, hidden=hidden, lr=lr,
-                     patience=patience, val_fraction=val_fraction, n_boot=n_boot, target_dim=target_dim,
-                     progress=progress)
+    fitted = _fit(arrays, target, n_aux=n_aux, aux_target=aux_target, family=learned, weight_decays=weight_decays,
+                  seeds=seeds, folds=folds, steps=steps, seed=seed, hidden=hidden, lr=lr, patience=patience,
+                  val_fraction=val_fraction, target_dim=target_dim, progress=progress)
+    return _scores(names, fitted, seed=seed, n_boot=n_boot, sketched=sketched, sketch_dim=sketch_dim, n_aux=n_aux,
+                   folds=folds, val_fraction=val_fraction, steps=steps, lr=lr, patience=patience)
+
+
+def _check_aux(task: Task, aux, latent: bool):
+    if aux is None:
+        return None
+    if not isinstance(aux, (tuple, list)) or len(aux) != (3 if latent else 2):
+        what = "(x_aux, y_aux, z_aux)" if latent else "(x_aux, y_aux)"
+        raise InputError(f"aux must be the attacker's examples {what} for a "
+                         f"{'latent' if latent else 'input'} target")
+    xa, ya = task.check_inputs(aux[0], aux[1])
+    if latent:
+        za = np.asarray(aux[2])
+        if za.shape != (xa.shape[0],) or not (np.issubdtype(za.dtype, np.integer) or za.dtype == bool):
+            raise InputError(f"aux latent z_aux must be an integer array of shape ({xa.shape[0]},) to match "
+                             f"x_aux, got {za.dtype} {za.shape}")
+        return xa, ya, za
+    return xa, ya, xa
 
 
 def v_information(
@@ -347,7 +483,8 @@ def v_information(
     y,
     target,
     *,
-    family: Sequence[str] = ("linear", "mlp"),
+    aux=None,
+    family: Sequence[str] | None = None,
     weight_decays: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1),
     seeds: int = 2,
     folds: int = 5,
@@ -360,6 +497,9 @@ def v_information(
     val_fraction: float = 0.2,
     n_boot: int = 1000,
     target_dim: int | None = 128,
+    inversion_n: int = 32,
+    inversion_steps: int = 200,
+    inversion_restarts: int = 1,
     chunk_size: int | None = None,
     layers: Sequence[str] | None = None,
     progress: bool = False,
@@ -369,12 +509,33 @@ def v_information(
     ``target`` is a latent attribute, an integer array ``(N,)`` (latent
     information, bits), or the string ``"input"`` (original information:
     reconstruct x, bits per input dimension). Features are the per-example
-    gradients ``grads.sketch_grads(task, x, y, dim=sketch_dim, seed=seed)``;
-    the other options are those of :func:`v_information_from_features`.
+    gradients ``grads.sketch_grads(task, x, y, dim=sketch_dim, seed=seed)``.
+
+    ``aux`` is the attacker's own data, ``(x_aux, y_aux, z_aux)`` for a latent
+    target or ``(x_aux, y_aux)`` for ``"input"``: examples disjoint from the
+    victims (and, to model an outside attacker, from the model's training
+    data). Their gradients at the same parameters train and select every
+    attack model; the victims are scored once. Without ``aux`` the estimate
+    is cross-fitted over the victims.
+
+    ``family`` (default: ``("linear", "mlp")``, plus ``"inversion"`` for
+    ``"input"`` when ``aux`` is given) may include the white-box
+    ``"inversion"`` family (needs ``aux``): per layer, the Inverting
+    Gradients reconstruction that matches that layer's gradient alone
+    (``inversion_restarts`` restarts of ``inversion_steps`` steps, labels
+    recovered from the gradient where possible), shrunk towards the
+    auxiliary mean by a factor fitted on auxiliary examples, is the decoder
+    mean; for a latent target a logistic-regression attribute classifier
+    trained on the auxiliary inputs reads it. Per layer it competes with the
+    learned members on ``inversion_n`` auxiliary validation rows; where it
+    wins, ``inversion_n`` victims (a seeded subsample) are scored with it
+    (``meta["inversion"]`` says which). The other options are those of
+    :func:`v_information_from_features`.
     """
     _check_options(sketch_dim, folds, n_boot, steps)
     x, y = task.check_inputs(x, y)
-    if isinstance(target, str):
+    latent = not isinstance(target, str)
+    if not latent:
         if target != "input":
             raise InputError(f"target must be a latent attribute array or the string 'input', got {target!r}")
         target = x
@@ -384,15 +545,43 @@ def v_information(
             raise InputError(
                 f"a latent target must be an integer array of shape ({x.shape[0]},) to match 'x', "
                 f"got {target.dtype} {target.shape}")
+    aux = _check_aux(task, aux, latent)
+    if family is None:
+        family = ("linear", "mlp") + (("inversion",) if aux is not None and not latent else ())
+    learned = _learned_families(family)
+    white_box = "inversion" in ((family,) if isinstance(family, str) else tuple(family))
+    if white_box and aux is None:
+        raise InputError("the 'inversion' family needs the attacker's auxiliary data: pass aux=(...)")
+    if white_box and not learned:
+        raise InputError("the 'inversion' family competes with learned members; add 'linear' and/or 'mlp'")
     from jaxleak.grads import sketch_grads
 
-    feats = sketch_grads(task, x, y, dim=int(sketch_dim), seed=seed, chunk_size=chunk_size, layers=layers,
-                         progress=progress)
     sel = task.select(layers)
-    sketched = {layer.name: layer.size for layer in sel if layer.size > sketch_dim}
     names = [layer.name for layer in sel]
-    arrays = [np.asarray(feats[name]) for name in names]
-    return _estimate(names, arrays, target, sketched=sketched, family=family, weight_decays=weight_decays,
-                     seeds=seeds, folds=folds, sketch_dim=sketch_dim, steps=steps, seed=seed, hidden=hidden, lr=lr,
-                     patience=patience, val_fraction=val_fraction, n_boot=n_boot, target_dim=target_dim,
-                     progress=progress)
+    sketched = {layer.name: layer.size for layer in sel if layer.size > sketch_dim}
+
+    def features(xs, ys):
+        f = sketch_grads(task, xs, ys, dim=int(sketch_dim), seed=seed, chunk_size=chunk_size, layers=layers,
+                         progress=progress)
+        return [np.asarray(f[name]) for name in names]
+
+    arrays, n_aux, aux_target = features(x, y), 0, None
+    if aux is not None:
+        arrays = [np.concatenate([a, b]) for a, b in zip(arrays, features(aux[0], aux[1]))]
+        n_aux, aux_target = aux[0].shape[0], aux[2]
+    fitted = _fit(arrays, target, n_aux=n_aux, aux_target=aux_target, family=learned, weight_decays=weight_decays,
+                  seeds=seeds, folds=folds, steps=steps, seed=seed, hidden=hidden, lr=lr, patience=patience,
+                  val_fraction=val_fraction, target_dim=target_dim, progress=progress)
+    chosen, info = None, None
+    if white_box:
+        from jaxleak.whitebox import inversion_family
+
+        chosen, info = inversion_family(task, names, fitted, x, y, aux, n_victims=x.shape[0],
+                                        inversion_n=inversion_n, steps=inversion_steps,
+                                        restarts=inversion_restarts, seed=seed, progress=progress)
+    scores = _scores(names, fitted, seed=seed, n_boot=n_boot, sketched=sketched, sketch_dim=sketch_dim,
+                     n_aux=n_aux, folds=folds, val_fraction=val_fraction, steps=steps, lr=lr, patience=patience,
+                     white_box=chosen)
+    if info is not None:
+        scores.meta["inversion"] = info
+    return scores

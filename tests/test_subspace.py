@@ -263,3 +263,20 @@ def test_planted_signal_is_found_and_grows():
     assert significant_at_zero <= 5, excess
     assert np.all(np.diff(mean) > 0), mean
     assert mean[-1] > mean[0] + 0.01
+
+
+def test_verdicts_are_holm_corrected_over_layers():
+    from jaxleak.scores import Score
+    from jaxleak.subspace import p_floor_note, with_verdicts
+
+    raw = {"a": 0.004, "b": 0.02, "c": 0.3}  # Holm: 0.012, 0.04, 0.3
+    scores = {k: Score(0.5, None, {"p_value": p, "null_sd": 0.01, "excess": 0.05}) for k, p in raw.items()}
+    out = with_verdicts(scores)
+    assert [out[k]["detected"] for k in raw] == [True, True, False]
+    assert out["a"]["p_holm"] == pytest.approx(0.012) and out["b"]["p_holm"] == pytest.approx(0.04)
+    assert out["c"]["detectable"] == pytest.approx((2.1280 + 0.8416) * 0.01, rel=1e-3)  # z_{1-0.05/3} + z_0.8
+    assert out["a"]["excess_ci"] == pytest.approx([0.05 - 0.0196, 0.05 + 0.0196])
+    # uncorrected, b's 0.02 x 3 layers would not pass at 0.02 * 3 = 0.06 if it were the smallest
+    alone = with_verdicts({k: scores[k] for k in ("b", "c")})
+    assert alone["b"]["p_holm"] == pytest.approx(0.04) and alone["b"]["detected"]
+    assert p_floor_note(20, 5) is not None and p_floor_note(100, 5) is None

@@ -89,3 +89,16 @@ def test_with_params_checks_structure(digits):
     bad.pop("Dense_1")
     with pytest.raises(InputError, match="Dense_1"):
         task.with_params(bad)
+
+
+def test_victims_and_auxiliary_examples_split_with_a_named_compromise():
+    from jaxleak.run import split_victims_aux
+
+    assert split_victims_aux(1078, 256, 2048)[:2] == (256, 822)
+    assert "only 822 of the 2048" in split_victims_aux(1078, 256, 2048)[2]
+    assert split_victims_aux(2000, 256, 1000) == (256, 1000, None)
+    assert split_victims_aux(1078, 256, 0) == (256, 0, None)  # cross-fitting by choice
+    n_v, n_a, note = split_victims_aux(270, 256, 2048)  # 14 left: halve instead
+    assert (n_v, n_a) == (135, 135) and "too small" in note
+    n_v, n_a, note = split_victims_aux(30, 256, 2048)  # too small for any auxiliary set
+    assert (n_v, n_a) == (30, 0) and "cross-fitted" in note
