@@ -178,8 +178,15 @@ def torch_floor(module, forward, x1: np.ndarray, y1: np.ndarray, steps: int, res
 
 # ---------------------------------------------------------------- the benchmark
 
-def case(name: str, model: str, activation: str, size: int, steps: int, reps: int, tv: float) -> dict:
-    import torch
+def case(name: str, model: str, activation: str, size: int, steps: int, reps: int, tv: float,
+         peers: bool = True) -> dict:
+    """One model's timings; ``peers=False`` (or no torch) times jaxleak and the JAX floor only (peer fields None)."""
+    torch = None
+    if peers:
+        try:
+            import torch
+        except ImportError:
+            pass
 
     ds = data.load("digits")
     x = ds.x[:1]
@@ -190,20 +197,22 @@ def case(name: str, model: str, activation: str, size: int, steps: int, reps: in
     shaped = data.from_arrays(x, y, {}, name="bench", num_classes=10)
     task = Task.init(model, shaped, seed=0, activation=activation)
     target = {k: v[0] for k, v in grads.layer_grads(task, x, y).items()}
-    module, forward = torch_model(task, model, activation)
 
     # The two objectives agree at one random image.
     probe = np.random.default_rng(1).random(x.shape).astype(np.float32)
-    label = torch.tensor(y, dtype=torch.long)
-    tgt_t = [g.detach() for g in torch.autograd.grad(
-        torch.nn.CrossEntropyLoss()(forward(torch.tensor(x)), label), list(module.parameters()))]
-    t_obj = float(torch_objective(module, forward, tgt_t, label, tv)(torch.tensor(probe))[0].detach())
-    flat_t = lambda gs: np.concatenate([g.numpy().ravel() for g in gs])  # noqa: E731
     g_probe = grads.layer_grads(task, probe, y)
     u = np.concatenate([g_probe[k][0] for k in target])
     t = np.concatenate([target[k] for k in target])
     j_obj = 1 - u @ t / (np.linalg.norm(u) * np.linalg.norm(t)) + tv * float(attacks.total_variation(jnp.asarray(probe)))
-    assert abs(np.linalg.norm(flat_t(tgt_t)) - np.linalg.norm(t)) < 1e-4 * np.linalg.norm(t)
+    t_obj = None
+    if torch is not None:
+        module, forward = torch_model(task, model, activation)
+        label = torch.tensor(y, dtype=torch.long)
+        tgt_t = [g.detach() for g in torch.autograd.grad(
+            torch.nn.CrossEntropyLoss()(forward(torch.tensor(x)), label), list(module.parameters()))]
+        t_obj = float(torch_objective(module, forward, tgt_t, label, tv)(torch.tensor(probe))[0].detach())
+        flat_t = lambda gs: np.concatenate([g.numpy().ravel() for g in gs])  # noqa: E731
+        assert abs(np.linalg.norm(flat_t(tgt_t)) - np.linalg.norm(t)) < 1e-4 * np.linalg.norm(t)
 
     def run_jax(restarts):
         return attacks.invert(task, target, method="ig", restarts=restarts, steps=steps, tv=tv, labels=y)
@@ -219,15 +228,18 @@ def case(name: str, model: str, activation: str, size: int, steps: int, reps: in
     runners = {
         "jaxleak_r1": (lambda: run_jax(1), 1, steps),
         "jaxleak_r8": (lambda: run_jax(8), 8, steps),
-        "torch_r1": (lambda: run_torch(False, steps), 1, steps),
-        "torch_r1_mkldnn": (lambda: run_torch(True, slow_steps), 1, slow_steps),
         "floor_jax_r1": (jax_floor(task, x, y, steps, 1, attacks._PATCH_FLOATS), 1, steps),
         "floor_jax_r8": (jax_floor(task, x, y, steps, 8, attacks._PATCH_FLOATS), 8, steps),
         "floor_xlaconv_r1": (jax_floor(task, x, y, steps, 1, 0), 1, steps),
         "floor_xlaconv_r8": (jax_floor(task, x, y, steps, 8, 0), 8, steps),
-        "floor_torch_r1": (torch_floor(module, forward, x, y, steps, 1), 1, steps),
-        "floor_torch_r8": (torch_floor(module, forward, x, y, steps, 8), 8, steps),
     }
+    if torch is not None:
+        runners.update({
+            "torch_r1": (lambda: run_torch(False, steps), 1, steps),
+            "torch_r1_mkldnn": (lambda: run_torch(True, slow_steps), 1, slow_steps),
+            "floor_torch_r1": (torch_floor(module, forward, x, y, steps, 1), 1, steps),
+            "floor_torch_r8": (torch_floor(module, forward, x, y, steps, 8), 8, steps),
+        })
     outputs = {k: f() for k, (f, _, _) in runners.items()}  # warm-up (compiles)
     # Two interleaved phases: jaxleak against itself (the restart-cost goal; PyTorch's
     # threads, which spin for a while after each call, would otherwise slow whichever
@@ -237,6 +249,8 @@ def case(name: str, model: str, activation: str, size: int, steps: int, reps: in
                      "floor_xlaconv_r8"],
         "peer": ["jaxleak_r8", "torch_r1", "torch_r1_mkldnn", "floor_torch_r1", "floor_torch_r8"],
     }
+    if torch is None:
+        del phases["peer"]
     times, loads = {}, {}
     for phase, keys in phases.items():
         loads[phase] = []
@@ -252,11 +266,11 @@ def case(name: str, model: str, activation: str, size: int, steps: int, reps: in
             loads[phase].append(os.getloadavg()[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     rate = {k: runners[k.split("/")[1]][1] * runners[k.split("/")[1]][2] / med[k] for k in med}
-    best_torch = max(("torch_r1", "torch_r1_mkldnn"), key=lambda k: rate[f"peer/{k}"])
+    best_torch = max(("torch_r1", "torch_r1_mkldnn"), key=lambda k: rate[f"peer/{k}"]) if torch else None
     psnr = {
         "jaxleak_r1": float(attacks.score(outputs["jaxleak_r1"], x).psnr.mean()),
         "jaxleak_r8": float(attacks.score(outputs["jaxleak_r8"], x).psnr.mean()),
-        "torch_r1": float(attacks.score(outputs["torch_r1"][None], x).psnr.mean()),
+        "torch_r1": float(attacks.score(outputs["torch_r1"][None], x).psnr.mean()) if torch else None,
     }
     return {
         "case": name, "model": model, "activation": activation, "image": list(x.shape[1:]),
@@ -270,12 +284,13 @@ def case(name: str, model: str, activation: str, size: int, steps: int, reps: in
         "first_order_floor_8_vs_1": {"jax": med["restarts/floor_jax_r8"] / med["restarts/floor_jax_r1"],
                                      "jax_xla_convolutions_only": (med["restarts/floor_xlaconv_r8"]
                                                                    / med["restarts/floor_xlaconv_r1"]),
-                                     "torch": med["peer/floor_torch_r8"] / med["peer/floor_torch_r1"]},
+                                     "torch": (med["peer/floor_torch_r8"] / med["peer/floor_torch_r1"]
+                                               if torch else None)},
         "torch_compared": best_torch,
         "speedup_per_restart_iteration_vs_torch": {
             "jaxleak_r8": rate["peer/jaxleak_r8"] / rate[f"peer/{best_torch}"],
             "jaxleak_r1": rate["restarts/jaxleak_r1"] / rate[f"peer/{best_torch}"],
-        },
+        } if torch else None,
         "psnr_db_after_warmup_run": psnr,
     }
 

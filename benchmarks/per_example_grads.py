@@ -1,6 +1,7 @@
 """Per-example gradient throughput: jaxleak.layer_grads vs torch.func and Opacus.
 
-Two configurations (issue 2's benchmark, issue 6's speed goal):
+Three configurations (issue 2's benchmark, issue 6's speed goal; ``resnet18``
+is run by ``gpu_suite.py`` and on request):
 
 - ``lenet``: jaxleak's LeNet (``jaxleak.models.get('lenet')``) on 28x28x1
   inputs, B = 256.
@@ -10,6 +11,9 @@ Two configurations (issue 2's benchmark, issue 6's speed goal):
   32-32-pool-64-64-pool-128-128-pool (3x3, SAME), dense 128, dense 10, ReLU,
   on 32x32x3 inputs, B = 128. It is built as a user Linen model, so it also
   exercises ``Task.from_linen`` on a model outside the zoo.
+- ``resnet18``: jaxleak's ResNet-18 (GroupNorm, so per-example gradients are
+  defined) on 32x32x3 inputs, B = 64; the peers run the same architecture in
+  PyTorch (GroupNorm eps differs, 1e-5 against Flax's 1e-6: no effect on speed).
 
 For each configuration and method, one process, interleaved repetitions
 (method A, B, C, A, B, C, ...), compile/warm-up excluded, every result forced
@@ -32,7 +36,11 @@ Also measured: the machine's float32 matrix-multiply peak (jnp.dot of two
 (FLOPs of forward + input backward + per-example weight gradients, counted
 analytically from the layer shapes).
 
-Usage: ``python benchmarks/per_example_grads.py [--reps 7] [--configs lenet,cifar_cnn]``
+The peers need ``torch`` and ``opacus`` (the ``bench`` extra); without them only
+the jaxleak methods run. PyTorch runs on CUDA when asked (``torch_device``) by
+``gpu_suite.py`` on a GPU.
+
+Usage: ``python benchmarks/per_example_grads.py [--reps 7] [--configs lenet,cifar_cnn,resnet18]``
 Writes ``benchmarks/results/per_example_grads.json``.
 """
 
@@ -91,9 +99,50 @@ def cifar_cnn_linen(num_classes: int = 10):
     return CifarCNN(num_classes)
 
 
+def torch_resnet18(num_classes: int = 10):
+    """jaxleak's ResNet-18 in PyTorch: 3x3 stem, basic blocks with GroupNorm, global average pooling."""
+    import torch
+    import torch.nn as tnn
+
+    def norm(c):
+        return tnn.GroupNorm(max(1, min(32, c // 4)), c)
+
+    class Block(tnn.Module):
+        def __init__(self, cin, width, stride):
+            super().__init__()
+            self.conv1, self.norm1 = tnn.Conv2d(cin, width, 3, stride, 1, bias=False), norm(width)
+            self.conv2, self.norm2 = tnn.Conv2d(width, width, 3, 1, 1, bias=False), norm(width)
+            self.shortcut = (tnn.Sequential(tnn.Conv2d(cin, width, 1, stride, bias=False), norm(width))
+                             if stride != 1 or cin != width else tnn.Identity())
+
+        def forward(self, x):
+            y = torch.relu(self.norm1(self.conv1(x)))
+            return torch.relu(self.shortcut(x) + self.norm2(self.conv2(y)))
+
+    class ResNet18(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.norm = tnn.Conv2d(3, 64, 3, 1, 1, bias=False), norm(64)
+            blocks, cin = [], 64
+            for stage, width in enumerate((64, 128, 256, 512)):
+                for b in range(2):
+                    blocks.append(Block(cin, width, 2 if stage > 0 and b == 0 else 1))
+                    cin = width
+            self.blocks = tnn.Sequential(*blocks)
+            self.fc = tnn.Linear(512, num_classes)
+
+        def forward(self, x):
+            x = self.blocks(torch.relu(self.norm(self.stem(x))))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    return ResNet18()
+
+
 def torch_model(config: str):
     import torch.nn as tnn
 
+    if config == "resnet18":
+        return torch_resnet18(10)
     if config == "lenet":
         return tnn.Sequential(
             tnn.Conv2d(1, 6, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2),
@@ -117,7 +166,18 @@ CONFIGS = {
     "lenet": {"input_shape": (28, 28, 1), "batch": 256, "model": "jaxleak.models lenet"},
     "cifar_cnn": {"input_shape": (32, 32, 3), "batch": 128,
                   "model": "CIFAR-10 CNN of the DP-SGD literature (conv 32,32,M,64,64,M,128,128,M; dense 128, 10)"},
+    "resnet18": {"input_shape": (32, 32, 3), "batch": 64, "model": "jaxleak.models resnet18 (GroupNorm)"},
 }
+
+
+def peers_available() -> str | None:
+    """None when torch and opacus import, else why the peers are skipped."""
+    try:
+        import opacus  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as err:
+        return f"{err.name or err} is not installed (the bench extra: pip install -e '.[bench]')"
+    return None
 
 
 def model_flops(task, x) -> float:
@@ -152,45 +212,34 @@ def model_flops(task, x) -> float:
 # ---------------------------------------------------------------- methods
 
 
-def build_methods(config: str, seed: int = 0):
+def build_methods(config: str, seed: int = 0, *, batch: int | None = None, peers: bool = True,
+                  torch_device: str = "cpu", reference: bool = True):
+    """The timed callables of one configuration, its FLOPs, batch and parameter counts.
+
+    ``batch`` overrides the configuration's; ``peers=False`` leaves out
+    torch.func and Opacus; ``torch_device`` is where PyTorch runs ("cuda" on a
+    GPU); ``reference=False`` leaves out the jitted vmap(grad).
+    """
     import jax
     import jax.numpy as jnp
-    import torch
-    import torch.nn.functional as F
-    from opacus import GradSampleModule
-    from torch.func import functional_call, grad, vmap
 
     import jaxleak
     from jaxleak import models
     from jaxleak.task import Task
 
     spec = CONFIGS[config]
-    shape, batch = spec["input_shape"], spec["batch"]
+    shape, batch = spec["input_shape"], batch or spec["batch"]
     rng = np.random.default_rng(seed)
     x = rng.uniform(0, 1, (batch, *shape)).astype(np.float32)
     y = rng.integers(0, 10, batch).astype(np.int32)
 
-    if config == "lenet":
-        module = models.get("lenet", 10, shape)
-    else:
-        module = cifar_cnn_linen(10)
-    variables = module.init(jax.random.key(seed), jnp.zeros((1, *shape), jnp.float32))
+    module = cifar_cnn_linen(10) if config == "cifar_cnn" else models.get(config, 10, shape)
+    variables = jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, *shape), jnp.float32))
     task = Task.from_linen(module, variables, input_shape=shape, name=config)
 
     grad_one = jax.grad(task.example_loss)
     plain = jax.jit(jax.vmap(grad_one, in_axes=(None, 0, 0)))
     xj, yj = jnp.asarray(x), jnp.asarray(y)
-
-    tmodel = torch_model(config)
-    xt = torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
-    yt = torch.from_numpy(y.astype(np.int64))
-    tparams = {k: v.detach() for k, v in tmodel.named_parameters()}
-
-    def loss_one(p, xb, yb):
-        return F.cross_entropy(functional_call(tmodel, p, (xb[None],)), yb[None])
-
-    tf = vmap(grad(loss_one), in_dims=(None, 0, 0))
-    gsm = GradSampleModule(torch_model(config), loss_reduction="sum")
 
     def run_jaxleak():
         return jaxleak.layer_grads(task, x, y)
@@ -201,9 +250,40 @@ def build_methods(config: str, seed: int = 0):
     def run_plain():
         return jax.block_until_ready(plain(task.params, xj, yj))
 
+    methods = {"jaxleak": run_jaxleak, "jaxleak_one_chunk": run_jaxleak_one_chunk}
+    if reference:
+        methods["jaxleak_vmap"] = run_plain
+    n_params = {"jax": task.num_params}
+    if peers:
+        methods_t, n_params["torch"] = torch_methods(config, x, y, torch_device)
+        methods.update(methods_t)
+    return methods, model_flops(task, xj), batch, n_params
+
+
+def torch_methods(config: str, x: np.ndarray, y: np.ndarray, device: str = "cpu") -> tuple[dict, int]:
+    """torch.func vmap(grad) and Opacus per-example gradients of the configuration's PyTorch twin."""
+    import torch
+    import torch.nn.functional as F
+    from opacus import GradSampleModule
+    from torch.func import functional_call, grad, vmap
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    tmodel = torch_model(config).to(device)
+    xt = torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))).to(device)
+    yt = torch.from_numpy(y.astype(np.int64)).to(device)
+    tparams = {k: v.detach() for k, v in tmodel.named_parameters()}
+
+    def loss_one(p, xb, yb):
+        return F.cross_entropy(functional_call(tmodel, p, (xb[None],)), yb[None])
+
+    tf = vmap(grad(loss_one), in_dims=(None, 0, 0))
+    gsm = GradSampleModule(torch_model(config).to(device), loss_reduction="sum")
+
     def run_torch_func():
         with torch.no_grad():
-            return tf(tparams, xt, yt)
+            out = tf(tparams, xt, yt)
+        sync()
+        return out
 
     def run_opacus():
         for p in gsm.parameters():
@@ -211,12 +291,10 @@ def build_methods(config: str, seed: int = 0):
             p.grad_sample = None
         loss = F.cross_entropy(gsm(xt), yt, reduction="sum")
         loss.backward()
+        sync()
         return [p.grad_sample for p in gsm.parameters()]
 
-    methods = {"jaxleak": run_jaxleak, "jaxleak_one_chunk": run_jaxleak_one_chunk, "jaxleak_vmap": run_plain,
-               "torch_func": run_torch_func, "opacus": run_opacus}
-    n_params = {"jax": task.num_params, "torch": int(sum(p.numel() for p in tmodel.parameters()))}
-    return methods, model_flops(task, xj), batch, n_params
+    return {"torch_func": run_torch_func, "opacus": run_opacus}, int(sum(p.numel() for p in tmodel.parameters()))
 
 
 def matmul_peak(n: int = 2048, reps: int = 7) -> dict:
@@ -251,8 +329,10 @@ def matmul_peak(n: int = 2048, reps: int = 7) -> dict:
     return out
 
 
-def bench_config(config: str, reps: int) -> dict:
-    methods, flops, batch, n_params = build_methods(config)
+def bench_config(config: str, reps: int, *, batch: int | None = None, peers: bool = True,
+                 torch_device: str = "cpu", reference: bool = True) -> dict:
+    methods, flops, batch, n_params = build_methods(config, batch=batch, peers=peers, torch_device=torch_device,
+                                                    reference=reference)
     for fn in methods.values():  # compile and warm up
         fn()
         fn()

@@ -37,6 +37,7 @@ import jaxleak as jl
 from jaxleak.sharding import make_mesh, use_mesh
 
 model, n, shape, devices, probes = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+jl.enable_compile_cache()  # as the CLI does: first_call_s is compile time only for programs not cached yet
 if shape == "digits":
     ds = jl.data.load("digits")
 else:

@@ -45,14 +45,15 @@ WEIGHT_DECAYS = tuple(float(w) for w in np.logspace(-4, -0.5, CONFIGS))
 LN2 = math.log(2.0)
 
 
-def make_data(seed: int = 0):
-    """Gaussian features; the label is logistic in 8 directions of every layer, with a layer-specific strength."""
+def make_data(seed: int = 0, n: int = N, width: int = WIDTH, layers: int = LAYERS):
+    """Gaussian features (layers, n, width); the label is logistic in 8 directions of every layer,
+    with a layer-specific strength."""
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(LAYERS, N, WIDTH)).astype(np.float32)
-    latent = rng.normal(size=N)
-    y = (latent + 0.3 * rng.normal(size=N) > 0).astype(np.int32)
-    for layer in range(LAYERS):
-        strength = layer / (LAYERS - 1)  # from no signal to a strong one
+    x = rng.normal(size=(layers, n, width)).astype(np.float32)
+    latent = rng.normal(size=n)
+    y = (latent + 0.3 * rng.normal(size=n) > 0).astype(np.int32)
+    for layer in range(layers):
+        strength = layer / (layers - 1)  # from no signal to a strong one
         x[layer, :, :8] += (strength * latent)[:, None]
     return x, y
 

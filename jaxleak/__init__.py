@@ -5,6 +5,7 @@ The public API is re-exported here; see the README for a tour.
 
 from jaxleak import attacks, data, defenses, measures, metrics, models, sharding
 from jaxleak.attacks import InversionResult, invert, invert_per_layer, save_grid, score
+from jaxleak.compilation import count_compilations, enable_compile_cache
 from jaxleak.defenses import DP, Dropout, Prune, Quantize, Sign, defended_client_updates, defended_updates, dp_epsilon
 from jaxleak.errors import (
     ConfigError,
@@ -56,11 +57,13 @@ __all__ = [
     "attacks",
     "client_batches",
     "client_updates",
+    "count_compilations",
     "data",
     "defended_client_updates",
     "defended_updates",
     "defenses",
     "dp_epsilon",
+    "enable_compile_cache",
     "grad_norms",
     "invert",
     "invert_per_layer",

@@ -66,8 +66,6 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, help="examples per compiled chunk (memory bound)")
     p.add_argument("--params", metavar="FILE", help="model parameters: flax msgpack file or orbax checkpoint folder")
     p.add_argument("--devices", type=int, help="shard examples over this many devices (jax.sharding.Mesh); default 1")
-    p.add_argument("--compile-cache", metavar="DIR",
-                   help="persistent XLA compilation cache folder (also env JAXLEAK_COMPILE_CACHE)")
     p.add_argument("--out", metavar="DIR", help="run directory; default runs/<timestamp>")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR (same options)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -98,23 +96,34 @@ def _run_config(args):
     return run_lib.RunConfig(**options)
 
 
-def enable_compile_cache(folder: str | None) -> None:
-    """Keep compiled XLA programs in ``folder`` so later processes skip compilation."""
-    if not folder:
-        return
-    import jax
+def _add_compile_cache_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--compile-cache", metavar="DIR",
+                       help="persistent XLA compilation cache folder; default env JAXLEAK_COMPILE_CACHE, "
+                            "else ~/.cache/jaxleak/xla (XDG_CACHE_HOME honoured)")
+    group.add_argument("--no-compile-cache", action="store_true",
+                       help="compile without the persistent cache (also env JAXLEAK_COMPILE_CACHE=off)")
 
-    os.makedirs(folder, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+def _start_compile_cache(args) -> None:
+    """The persistent compile cache for commands that compile; an unusable folder is a warning line."""
+    import warnings
+
+    from jaxleak.compilation import CompileCacheWarning, enable_compile_cache
+
+    if args.no_compile_cache:
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompileCacheWarning)
+        enable_compile_cache(args.compile_cache)
+    for w in caught:
+        print(f"jaxleak: warning: {w.message}", file=sys.stderr)
 
 
 def cmd_run(args) -> int:
     from jaxleak import run as run_lib
 
     config = _run_config(args)
-    enable_compile_cache(args.compile_cache or os.environ.get("JAXLEAK_COMPILE_CACHE"))
     out = args.resume or args.out
     if args.resume and args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise InputError("--out and --resume name different directories; give only --resume DIR")
@@ -302,12 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     p_run = sub.add_parser("run", help="measure leakage per layer on a data set and model")
     _add_run_arguments(p_run)
+    _add_compile_cache_arguments(p_run)
     p_run.set_defaults(func=cmd_run)
     p_study = sub.add_parser("study", help="every measure per layer across aggregation, defence or training settings")
     _add_study_arguments(p_study)
+    _add_compile_cache_arguments(p_study)
     p_study.set_defaults(func=cmd_study)
     p_attack = sub.add_parser("attack", help="reconstruct inputs from shared updates (DLG / Inverting Gradients)")
     _add_attack_arguments(p_attack)
+    _add_compile_cache_arguments(p_attack)
     p_attack.set_defaults(func=cmd_attack)
     p_list = sub.add_parser("list", help="list models, data sets or measures")
     p_list.add_argument("what", choices=["models", "datasets", "measures"])
@@ -319,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "no_compile_cache"):
+            _start_compile_cache(args)
         return args.func(args)
     except JaxleakError as err:
         if args.debug:

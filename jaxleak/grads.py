@@ -25,22 +25,63 @@ from jaxleak.task import Layer, Task
 # second call with the same shapes does not retrace.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
-# Per-example gradient floats kept live per chunk (the bound other modules use).
+# Per-example gradient floats kept live per chunk on the CPU (the bound other modules use).
 _CHUNK_FLOATS = 2 ** 25
 
 # Per-example gradient floats returned per chunk by layer_grads' default chunk
-# size. Smaller than _CHUNK_FLOATS on purpose: XLA's CPU runtime allocates
-# every call's output afresh, and a buffer of more than a few tens of MiB
-# comes from new pages that are faulted in one 4 KiB page at a time (for
-# LeNet at B = 256 that cost more than the arithmetic); chunks of a few MiB
-# reuse memory and stay cache-resident until they are copied to the host.
+# size on the CPU. Smaller than _CHUNK_FLOATS on purpose: XLA's CPU runtime
+# allocates every call's output afresh, and a buffer of more than a few tens
+# of MiB comes from new pages that are faulted in one 4 KiB page at a time
+# (for LeNet at B = 256 that cost more than the arithmetic); chunks of a few
+# MiB reuse memory and stay cache-resident until they are copied to the host.
 _OUTPUT_CHUNK_FLOATS = 2 ** 22
+_CPU_CHUNK_CAP = 256
+
+# On a GPU or TPU a chunk's budget is this fraction of the device memory free
+# when the chunk size is chosen (memory_stats(): bytes_limit - bytes_in_use),
+# for every chunk rule alike: the rest holds the chunk's activations and
+# cotangents, the parameters and what the caller keeps on the device. Big
+# chunks keep the device busy; small ones leave it waiting on per-chunk
+# dispatch and host copies.
+DEVICE_MEMORY_FRACTION = 1 / 8
+# The free memory assumed when the device reports no memory_stats().
+DEVICE_FREE_BYTES_DEFAULT = 4 * 2 ** 30
+_DEVICE_CHUNK_CAP = 16384
 
 
-def default_chunk_size(task: Task, layers: Sequence[Layer], n: int, cap: int = 256) -> int:
-    """Examples per chunk: keeps chunk x sum(P_l) near 2^22 floats (16 MiB), at most ``cap``."""
+def _device():
+    return jax.local_devices()[0]
+
+
+def chunk_limits(cpu_floats: int) -> tuple[int, int]:
+    """(float32 values one chunk may hold, examples per chunk at most) on the default device.
+
+    CPU: ``cpu_floats`` and 256 examples. GPU/TPU: DEVICE_MEMORY_FRACTION of
+    the free memory reported by ``device.memory_stats()`` (bytes_limit -
+    bytes_in_use), or of DEVICE_FREE_BYTES_DEFAULT (4 GiB) when the device
+    reports none, and 16384 examples.
+    """
+    device = _device()
+    if device.platform == "cpu":
+        return cpu_floats, _CPU_CHUNK_CAP
+    stats = device.memory_stats()
+    if stats and "bytes_limit" in stats:
+        free = max(0, int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+    else:
+        free = DEVICE_FREE_BYTES_DEFAULT
+    return max(1, int(free * DEVICE_MEMORY_FRACTION) // 4), _DEVICE_CHUNK_CAP
+
+
+def default_chunk_size(task: Task, layers: Sequence[Layer], n: int) -> int:
+    """Examples per chunk of per-example gradients (at most ``n``).
+
+    CPU: chunk x sum(P_l) near 2^22 floats (16 MiB), at most 256 examples.
+    GPU/TPU: the gradients of a chunk fill DEVICE_MEMORY_FRACTION of the free
+    device memory, at most 16384 examples (:func:`chunk_limits`).
+    """
+    floats, cap = chunk_limits(_OUTPUT_CHUNK_FLOATS)
     size = max(1, sum(layer.size for layer in layers))
-    return int(max(1, min(n, cap, _OUTPUT_CHUNK_FLOATS // size)))
+    return int(max(1, min(n, cap, floats // size)))
 
 
 def _check_chunk(chunk_size, n: int) -> int:
@@ -750,9 +791,9 @@ def layer_grads(task: Task, x, y, *, chunk_size: int | None = None, layers: Sequ
     (kernel and bias of a module together). Computed by the jitted
     :func:`per_example_grad_fn` (``method='auto'``: one batched backward pass
     plus per-module outer products; ``'vmap'``: vmap(grad)), ``chunk_size``
-    examples at a time (default: a size that keeps one chunk's gradients near
-    16 MiB, see :func:`default_chunk_size`); results are gathered on the host
-    as float32.
+    examples at a time (default :func:`default_chunk_size`: one chunk's
+    gradients near 16 MiB on the CPU, a fraction of the free device memory on
+    a GPU or TPU); results are gathered on the host as float32.
     """
     x, y = task.check_inputs(x, y)
     sel = task.select(layers)
@@ -782,18 +823,23 @@ def make_sketches(layers: Sequence[Layer], dim: int, seed: int) -> dict[str, Cou
     """One independent count-sketch per layer larger than ``dim`` (None for the others)."""
     if not isinstance(dim, (int, np.integer)) or dim < 1:
         raise InputError(f"sketch dim must be a positive integer, got {dim!r}")
-    root = jax.random.key(seed)
-    out = {}
-    for i, layer in enumerate(layers):
-        if layer.size <= dim:
-            out[layer.name] = None
-            continue
+    sketched = tuple((i, layer.size) for i, layer in enumerate(layers) if layer.size > dim)
+    arrays = dict(zip((i for i, _ in sketched), _sketch_arrays(sketched, int(dim), jax.random.key(seed))))
+    return {layer.name: CountSketch(*arrays[i], dim=int(dim)) if i in arrays else None
+            for i, layer in enumerate(layers)}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _sketch_arrays(sketched: tuple[tuple[int, int], ...], dim: int, root) -> list:
+    """(buckets, signs) of the count-sketch of each (layer index, size), from ``fold_in(root, index)``.
+
+    One program for all layers; eagerly, every distinct layer size compiled two.
+    """
+    out = []
+    for i, size in sketched:
         kb, ks = jax.random.split(jax.random.fold_in(root, i))
-        out[layer.name] = CountSketch(
-            buckets=jax.random.randint(kb, (layer.size,), 0, dim, dtype=jnp.int32),
-            signs=jax.random.rademacher(ks, (layer.size,), dtype=jnp.float32),
-            dim=int(dim),
-        )
+        out.append((jax.random.randint(kb, (size,), 0, dim, dtype=jnp.int32),
+                    jax.random.rademacher(ks, (size,), dtype=jnp.float32)))
     return out
 
 
@@ -932,8 +978,9 @@ def client_updates(task: Task, x, y, *, batch_size: int, local_steps: int = 1, l
     sel = task.select(layers)
     batches = client_batches(x.shape[0], batch_size=batch_size, num_updates=num_updates, seed=seed)
     per_update = max(1, sum(layer.size for layer in sel) * 3)
+    floats, cap = chunk_limits(_CHUNK_FLOATS)
     chunk = _check_chunk(chunk_size, num_updates) if chunk_size else int(
-        max(1, min(num_updates, 256, _CHUNK_FLOATS // (per_update * max(1, batch_size // 8)))))
+        max(1, min(num_updates, cap, floats // (per_update * max(1, batch_size // 8)))))
     fn = _compiled_updates(task, sel, int(local_steps), sketch_dim, sketch_seed)
     lr32 = jnp.float32(lr)
     out = map_chunks(lambda xb, yb: fn(task.params, lr32, xb, yb), [x[batches], y[batches]], chunk,

@@ -17,6 +17,7 @@ image, shape ``(...)``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -29,25 +30,37 @@ from jaxleak.errors import InputError
 from jaxleak.scores import LayerScores
 
 
-def _pair(a, b) -> tuple[jax.Array, jax.Array]:
-    a = jnp.asarray(a, jnp.float32) if not isinstance(a, jax.Array) else a
-    b = jnp.asarray(b, jnp.float32) if not isinstance(b, jax.Array) else b
-    if a.shape != b.shape:
-        raise InputError(f"images must have the same shape, got {a.shape} and {b.shape}")
-    if a.ndim < 3:
-        raise InputError(f"images must be (..., H, W, C), got shape {a.shape}")
-    return a, b
+def _check_pair(a, b) -> None:
+    if np.shape(a) != np.shape(b):
+        raise InputError(f"images must have the same shape, got {np.shape(a)} and {np.shape(b)}")
+    if np.ndim(a) < 3:
+        raise InputError(f"images must be (..., H, W, C), got shape {np.shape(a)}")
+
+
+# Each metric is one compiled program per image shape (op by op, MSE, PSNR and
+# SSIM compiled some thirty small programs); inputs are cast to float32 inside.
+
+@jax.jit
+def _mse(a, b) -> jax.Array:
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return jnp.mean(jnp.square(a - b), axis=(-3, -2, -1))
+
+
+@jax.jit
+def _psnr(a, b, data_range) -> jax.Array:
+    return 10.0 * jnp.log10(data_range ** 2 / _mse(a, b))
 
 
 def mse(a, b) -> jax.Array:
     """Mean squared error per image: (..., H, W, C) x2 -> (...)."""
-    a, b = _pair(a, b)
-    return jnp.mean(jnp.square(a - b), axis=(-3, -2, -1))
+    _check_pair(a, b)
+    return _mse(a, b)
 
 
 def psnr(a, b, data_range: float = 1.0) -> jax.Array:
     """Peak signal-to-noise ratio per image in dB: 10 log10(data_range^2 / MSE); +inf for identical images."""
-    return 10.0 * jnp.log10(data_range ** 2 / mse(a, b))
+    _check_pair(a, b)
+    return _psnr(a, b, data_range)
 
 
 def ssim_window(height: int, width: int) -> tuple[int, float]:
@@ -73,10 +86,16 @@ def ssim(a, b, data_range: float = 1.0) -> jax.Array:
     gaussian_weights=True, sigma=sigma, win_size=size,
     use_sample_covariance=False, data_range=data_range)`` per channel.
     """
+    _check_pair(a, b)
+    size, sigma = ssim_window(np.shape(a)[-3], np.shape(a)[-2])
+    return _ssim(a, b, data_range, size, sigma)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _ssim(a, b, data_range, size: int, sigma: float) -> jax.Array:
     import dm_pix
 
-    a, b = _pair(a, b)
-    size, sigma = ssim_window(a.shape[-3], a.shape[-2])
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     lead = a.shape[:-3]
     flat = (-1, *a.shape[-3:])
     values = dm_pix.ssim(a.reshape(flat), b.reshape(flat), max_val=data_range, filter_size=size, filter_sigma=sigma)

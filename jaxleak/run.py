@@ -303,14 +303,16 @@ def run(config: RunConfig, *, out: str | None = None, resume: bool = False, prog
     elif os.path.exists(out) and os.listdir(out):
         raise InputError(f"output directory {out!r} exists and is not empty; choose another --out "
                          f"or continue it with --resume")
+    from jaxleak.compilation import count_compilations
     from jaxleak.sharding import make_mesh, use_mesh
 
     mesh = make_mesh(config.devices) if config.devices != 1 else None
-    with use_mesh(mesh):
-        return _run(config, out, resume, progress, on_measure, started)
+    with use_mesh(mesh), count_compilations() as compiles:
+        return _run(config, out, resume, progress, on_measure, started, compiles)
 
 
-def _run(config: RunConfig, out: str, resume: bool, progress: bool, on_measure, started: float) -> dict:
+def _run(config: RunConfig, out: str, resume: bool, progress: bool, on_measure, started: float,
+         compiles) -> dict:
     t0 = time.time()
     prep = prepare(config, progress=progress)
     timing = {"prepare_s": time.time() - t0}
@@ -340,6 +342,7 @@ def _run(config: RunConfig, out: str, resume: bool, progress: bool, on_measure, 
                 if on_measure is not None:
                     on_measure(key, scores)
             _set_nested(measures, key, {k: v for k, v in entry.items() if k != "seconds"})
+        timing.update(compiles.timing())
         timing["total_s"] = time.time() - started
         timing["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
         results = {

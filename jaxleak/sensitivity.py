@@ -226,7 +226,8 @@ def _compiled(task: Task, method: str, layers: Sequence[Layer], probes: int) -> 
 def _default_chunk(method: str, layers: Sequence[Layer], n: int, probes: int, d: int) -> int:
     size = max(1, sum(layer.size for layer in layers))
     per_example = {"hutchinson": size * (probes + 1), "exact": size * (d + 1), "ones": size * (len(layers) + 1)}
-    return int(max(1, min(n, 256, _grads._CHUNK_FLOATS // per_example[method])))
+    floats, cap = _grads.chunk_limits(_grads._CHUNK_FLOATS)
+    return int(max(1, min(n, cap, floats // per_example[method])))
 
 
 def per_example_terms(task: Task, x, y, *, method: str = "hutchinson", probes: int = 16, seed: int = 0,

@@ -264,7 +264,7 @@ def find_linears(task: Task) -> dict[str, _Linear]:
                 return task.apply_fn(params, x)
 
         try:
-            jax.eval_shape(probe, task.params, jnp.zeros((2, *task.input_shape), jnp.float32))
+            jax.eval_shape(probe, task.params, jax.ShapeDtypeStruct((2, *task.input_shape), jnp.float32))
         except Exception:  # noqa: BLE001 - not a Linen model the interceptor understands: use the fallback
             return {}
         found = {}
@@ -411,16 +411,38 @@ def _features_fn(task: Task, items: Sequence[tuple[_Plan, int, int]]) -> Callabl
 
 
 def _factored_gram_fn(task: Task) -> Callable:
+    """Jitted ``(a_all, d_all, *a_rows, *d_rows) -> {str(l): K_l rows}`` for the factored layers l of one pass.
+
+    K_l[i, j] = sum_{s,t} <a_is, a_jt> <d_is, d_jt> (rows i of the block
+    against all j): one program for all the pass's layers.
+    """
     def build():
-        def traced(a_all, d_all, a, d):
+        def traced(a_all, d_all, *rows):
             _grads.TRACE_COUNTS[("factored_gram",)] += 1
-            pa = jnp.einsum("isa,jta->ijst", a, a_all)
-            pd = jnp.einsum("isd,jtd->ijst", d, d_all)
-            return {"k": jnp.sum(pa * pd, axis=(2, 3))}
+            out = {}
+            for i, (a, d) in enumerate(zip(rows[:len(a_all)], rows[len(a_all):])):
+                pa = jnp.einsum("isa,jta->ijst", a, a_all[i])
+                pd = jnp.einsum("isd,jtd->ijst", d, d_all[i])
+                out[str(i)] = jnp.sum(pa * pd, axis=(2, 3))
+            return out
 
         return jax.jit(traced)
 
     return task.cached(("factored_gram",), build)
+
+
+def _factored_grams(task: Task, plans: Sequence[_Plan], a: list[np.ndarray], d: list[np.ndarray]
+                    ) -> dict[str, np.ndarray]:
+    """Gram of each factored layer from its rows a (N, T, |a|) and errors d (N, T, |delta|), float64.
+
+    Row blocks keep the (block, N, T, T) products of all layers together within one chunk's
+    budget (:func:`jaxleak.grads.chunk_limits`).
+    """
+    n = a[0].shape[0]
+    floats, _ = _grads.chunk_limits(_grads._CHUNK_FLOATS)
+    block = int(max(1, min(n, floats // max(1, n * sum(p.positions ** 2 for p in plans)))))
+    k = _grads.map_chunks(_factored_gram_fn(task), [*a, *d], block, extra=jax.device_put((tuple(a), tuple(d))))
+    return {p.layer.name: k[str(i)].astype(np.float64) for i, p in enumerate(plans)}
 
 
 def _gram_np(f: np.ndarray) -> np.ndarray:
@@ -474,7 +496,8 @@ def _pass_chunk(task: Task, items, n: int) -> int:
         per_example += plan.positions * (plan.a_dim + plan.d_dim) + plan.a_dim * (hi - lo)
     acts = sum(int(np.prod(lin.in_shape)) + int(np.prod(lin.out_shape)) for lin in find_linears(task).values())
     per_example += 3 * acts + task.num_params // 64
-    return int(max(1, min(n, 256, _grads._CHUNK_FLOATS // max(1, per_example))))
+    floats, cap = _grads.chunk_limits(_grads._CHUNK_FLOATS)
+    return int(max(1, min(n, cap, floats // max(1, per_example))))
 
 
 def _fill_chunks(fn: Callable, params, x: np.ndarray, y: np.ndarray, chunk: int,
@@ -532,16 +555,15 @@ def layer_grams(task: Task, x, y, *, layers: Sequence[str] | None = None, chunk_
         chunk = _grads._check_chunk(chunk_size, n) if chunk_size else _pass_chunk(task, items, n)
         feats = _fill_chunks(fn, task.params, x, y, chunk, progress)
         _grads.check_finite(feats, "activation or error")
+        factored = [plan for plan, _, _ in items if plan.route == "factored"]  # whole layers, one pass each
+        if factored:
+            grams.update(_factored_grams(task, factored, [feats.pop(f"a/{p.layer.name}") for p in factored],
+                                         [feats.pop(f"d/{p.layer.name}") for p in factored]))
         for plan, lo, _ in items:
-            name = plan.layer.name
-            if plan.route == "factored":
-                a, d = feats.pop(f"a/{name}"), feats.pop(f"d/{name}")
-                block = int(max(1, min(n, _grads._CHUNK_FLOATS // max(1, n * plan.positions ** 2))))
-                k = _grads.map_chunks(_factored_gram_fn(task), [a, d], block,
-                                      extra=(jnp.asarray(a), jnp.asarray(d)))["k"].astype(np.float64)
-            else:
+            if plan.route == "outer":
+                name = plan.layer.name
                 k = _gram_np(feats.pop(f"g/{name}/{lo}"))
-            grams[name] = grams[name] + k if name in grams else k
+                grams[name] = grams[name] + k if name in grams else k
     exact = [p.layer.name for p in plans if p.source == "exact"]
     if exact:
         g = _grads.layer_grads(task, x, y, layers=exact, chunk_size=chunk_size, progress=progress)

@@ -9,6 +9,7 @@ model plugs in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -163,7 +164,7 @@ class Task:
         self.name = name
         self.granularity = granularity
         self.train_apply_fn = train_apply_fn
-        x0 = jnp.zeros((1, *self.input_shape), jnp.float32)
+        x0 = np.zeros((1, *self.input_shape), np.float32)
         if _layers is None:
             try:
                 out = jax.eval_shape(apply_fn, params, x0)
@@ -240,8 +241,12 @@ class Task:
         from jaxleak import models
 
         module = models.get(model_name, dataset.num_classes, dataset.input_shape, **model_options)
-        x0 = jnp.zeros((1, *dataset.input_shape), jnp.float32)
-        variables = module.init(jax.random.key(seed), x0)
+        x0 = np.zeros((1, *dataset.input_shape), np.float32)
+        try:
+            init = _compiled_init(module)
+        except TypeError:  # a module with unhashable options: initialised op by op
+            init = module.init
+        variables = init(jax.random.key(seed), x0)
         return cls.from_linen(module, variables, input_shape=dataset.input_shape, loss_fn=loss_fn,
                               name=model_name, granularity=granularity)
 
@@ -345,6 +350,16 @@ class Task:
 
     def __repr__(self) -> str:
         return f"Task({self.name!r}, input_shape={self.input_shape}, layers={len(self.layers)}, params={self.num_params})"
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_init(module) -> Callable:
+    """``module.init`` as one compiled program, shared by equal modules.
+
+    Gives bitwise the values of the eager ``module.init``, which compiles
+    every initialiser and layer of the forward pass as a program of its own.
+    """
+    return jax.jit(module.init)
 
 
 def _accepts_train(module) -> bool:

@@ -79,7 +79,8 @@ def train(task: Task, x, y, *, epochs: int, batch_size: int = 64, lr: float = 1e
     use_dropout = bool(dropout and task.train_apply_fn is not None)
     step = _step_fn(task, optimizer, use_dropout, defense)
     params = task.params
-    opt_state = optimizer.init(params)
+    # One program for the whole state (eagerly, each leaf shape compiles its own zeros).
+    opt_state = task.cached(("optimizer_init", id(optimizer)), lambda: jax.jit(optimizer.init))(params)
     key = jax.random.key(seed)
     losses = []
     epoch_iter = range(epochs)
@@ -100,10 +101,15 @@ def train(task: Task, x, y, *, epochs: int, batch_size: int = 64, lr: float = 1e
 
 
 def accuracy(task: Task, x, y, *, batch_size: int = 512) -> float:
-    """Fraction of examples whose arg-max logit equals the label."""
+    """Fraction of examples whose arg-max logit equals the label.
+
+    Batches of equal size (at most ``batch_size``, the last one padded), so
+    the prediction compiles once.
+    """
+    from jaxleak.grads import map_chunks
+
     x, y = task.check_inputs(x, y)
-    predict = task.cached("predict", lambda: jax.jit(lambda p, xb: jnp.argmax(task.apply_fn(p, xb), -1)))
-    correct = 0
-    for start in range(0, x.shape[0], batch_size):
-        correct += int(np.sum(np.asarray(predict(task.params, x[start:start + batch_size])) == y[start:start + batch_size]))
-    return correct / x.shape[0]
+    predict = task.cached("predict", lambda: jax.jit(lambda p, xb: {"label": jnp.argmax(task.apply_fn(p, xb), -1)}))
+    batches = -(-x.shape[0] // batch_size)
+    labels = map_chunks(predict, [x], -(-x.shape[0] // batches), extra=(task.params,))["label"]
+    return int(np.sum(labels == y)) / x.shape[0]

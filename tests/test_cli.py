@@ -205,14 +205,24 @@ def test_run_config_validation():
         run_lib.validate_options({"n": "many"})
 
 
-def test_persistent_compile_cache(tmp_path):
+def test_persistent_compile_cache_by_default(tmp_path):
+    """Two runs in fresh processes: the second loads every program from the user's cache folder."""
     import subprocess
     import sys
 
-    cache = tmp_path / "xla-cache"
-    cmd = [sys.executable, "-m", "jaxleak", "run", "--compile-cache", str(cache), "--model", "mlp",
-           "--epochs", "0", "--n", "8", "--measures", "grad_norm", "--no-progress"]
-    proc = subprocess.run(cmd + ["--out", str(tmp_path / "a")], capture_output=True, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("JAXLEAK_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+    env.update(JAX_PLATFORMS="cpu", XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    cmd = [sys.executable, "-m", "jaxleak", "run", "--model", "mlp", "--epochs", "0", "--n", "8",
+           "--measures", "grad_norm", "--no-progress"]
+    timings = []
+    for name in ("a", "b"):
+        proc = subprocess.run(cmd + ["--out", str(tmp_path / name)], capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        timings.append(json.loads((tmp_path / name / "results.json").read_text())["timing"])
+    cache = tmp_path / "xdg" / "jaxleak" / "xla"
     assert cache.is_dir() and any(cache.iterdir()), "compiled programs were not written to the cache"
+    first, second = timings
+    assert first["compilations"] > 0 and first["compile_cache_hits"] == 0
+    assert second["compilations"] == first["compilations"]
+    assert second["compile_cache_hits"] == second["compilations"]

@@ -306,6 +306,68 @@ def test_chunking_does_not_change_results(lenet):
             np.testing.assert_allclose(parts[name], whole[name], rtol=1e-5, atol=1e-7)
 
 
+class _StubDevice:
+    """A device that reports a platform and a memory report, for the chunk rule."""
+
+    def __init__(self, platform, stats):
+        self.platform, self._stats = platform, stats
+
+    def memory_stats(self):
+        return self._stats
+
+
+def _stub_device(monkeypatch, platform, stats=None):
+    monkeypatch.setattr(grads, "_device", lambda: _StubDevice(platform, stats))
+
+
+def test_cpu_chunk_rule_is_16_mib_of_gradients(lenet):
+    task, _, _ = lenet
+    size = sum(layer.size for layer in task.layers)
+    assert jax.local_devices()[0].platform == "cpu"
+    assert grads.chunk_limits(grads._CHUNK_FLOATS) == (2 ** 25, 256)
+    assert grads.default_chunk_size(task, task.layers, 10 ** 6) == min(256, 2 ** 22 // size)
+    assert grads.default_chunk_size(task, task.layers, 5) == 5
+    wide = [Layer("w", 2 ** 20, (0,), ((2 ** 20,),), ("w",))]
+    assert grads.default_chunk_size(task, wide, 10 ** 6) == 4
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_accelerator_chunks_follow_free_memory(lenet, monkeypatch, platform):
+    task, _, _ = lenet
+    wide = [Layer("w", 2 ** 20, (0,), ((2 ** 20,),), ("w",))]  # 4 MiB of gradient per example
+    chunks = []
+    for free_gib in (8, 16, 32):
+        in_use = 3 * 2 ** 30
+        _stub_device(monkeypatch, platform, {"bytes_limit": free_gib * 2 ** 30 + in_use, "bytes_in_use": in_use})
+        floats, cap = grads.chunk_limits(grads._OUTPUT_CHUNK_FLOATS)
+        assert floats == int(free_gib * 2 ** 30 * grads.DEVICE_MEMORY_FRACTION) // 4 and cap == 16384
+        chunks.append(grads.default_chunk_size(task, wide, 10 ** 6))
+    assert chunks == [int(g * 2 ** 30 * grads.DEVICE_MEMORY_FRACTION) // 2 ** 22 for g in (8, 16, 32)]
+    assert chunks == [256, 512, 1024]  # the chunk doubles with the free memory
+    assert grads.default_chunk_size(task, task.layers, 10 ** 6) == 16384  # small models: the cap
+    assert grads.default_chunk_size(task, wide, 100) == 100
+
+
+def test_accelerator_without_memory_report_uses_the_documented_default(lenet, monkeypatch):
+    task, _, _ = lenet
+    wide = [Layer("w", 2 ** 20, (0,), ((2 ** 20,),), ("w",))]
+    _stub_device(monkeypatch, "gpu", None)
+    want = int(grads.DEVICE_FREE_BYTES_DEFAULT * grads.DEVICE_MEMORY_FRACTION) // 2 ** 22
+    assert grads.default_chunk_size(task, wide, 10 ** 6) == want == 128
+
+
+def test_chunk_size_overrides_the_accelerator_rule(lenet, monkeypatch):
+    task, x, y = lenet
+    _stub_device(monkeypatch, "gpu", {"bytes_limit": 2 ** 40, "bytes_in_use": 0})
+    seen = []
+    real = grads.map_chunks
+    monkeypatch.setattr(grads, "map_chunks", lambda fn, arrays, chunk, **kw: seen.append(chunk) or real(
+        fn, arrays, chunk, **kw))
+    grads.layer_grads(task, x, y, chunk_size=3)
+    grads.layer_grads(task, x, y)
+    assert seen == [3, 7]
+
+
 def test_layer_subset(lenet):
     task, x, y = lenet
     whole = grads.layer_grads(task, x, y)
@@ -425,6 +487,26 @@ def test_count_sketch_preserves_inner_products_in_expectation():
     z = (estimates.mean() - exact) / np.sqrt(var / seeds)
     assert abs(z) < 4.0, (estimates.mean(), exact, z)
     assert 0.6 < estimates.var(ddof=1) / var < 1.5
+
+
+def test_sketches_are_one_program_with_the_per_layer_values():
+    sizes = (3000, 40, 5000, 700)
+    layers = [Layer(f"l{i}", p, (i,), ((p,),), (f"l{i}",)) for i, p in enumerate(sizes)]
+    from jaxleak.compilation import count_compilations
+
+    grads.make_sketches(layers, 64, 0)
+    with count_compilations() as again:
+        sketches = grads.make_sketches(layers, 64, 11)
+    assert again.count == 0  # another seed, same sizes: no new program
+    root = jax.random.key(11)
+    for i, layer in enumerate(layers):
+        if layer.size <= 64:
+            assert sketches[layer.name] is None
+            continue
+        kb, ks = jax.random.split(jax.random.fold_in(root, i))
+        np.testing.assert_array_equal(sketches[layer.name].buckets, jax.random.randint(kb, (layer.size,), 0, 64))
+        np.testing.assert_array_equal(sketches[layer.name].signs, jax.random.rademacher(ks, (layer.size,)))
+        assert sketches[layer.name].dim == 64
 
 
 def test_sketch_grads_are_the_sketch_of_layer_grads(lenet):
