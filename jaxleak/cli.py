@@ -56,7 +56,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probes", type=int, help="Hutchinson probes for sensitivity; default 16")
     p.add_argument("--permutations", type=int, help="permutations for the subspace null; default 100")
     p.add_argument("--sketch-dim", type=int, help="width of gradient sketches; default 1024")
-    p.add_argument("--vinfo-steps", type=int, help="training steps of each V-information attack model; default 300")
+    p.add_argument("--vinfo-steps", type=int, help="training steps of each V-information attack model; default 150")
     p.add_argument("--vinfo-folds", type=int,
                    help="V-information folds: cross-validation inside the auxiliary data, or cross-fitting over "
                         "the victims without it; default 3")

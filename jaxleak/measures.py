@@ -64,7 +64,7 @@ def _vinfo(target_kind: str):
         if aux is not None:
             aux = tuple(aux) if target_kind == "latent" else tuple(aux[:2])
         return v_information(task, x, y, target, aux=aux, sketch_dim=opts.get("sketch_dim", 1024),
-                             seed=opts.get("seed", 0), steps=opts.get("vinfo_steps", 300),
+                             seed=opts.get("seed", 0), steps=opts.get("vinfo_steps", 150),
                              folds=opts.get("vinfo_folds", 3), inversion_n=opts.get("inversion_n", 32),
                              inversion_steps=opts.get("inversion_steps", 200), chunk_size=opts.get("chunk_size"),
                              progress=progress)

@@ -50,7 +50,7 @@ class RunConfig:
     probes: int = 16
     permutations: int = 100
     sketch_dim: int = 1024
-    vinfo_steps: int = 300
+    vinfo_steps: int = 150
     vinfo_folds: int = 3
     inversion_n: int = 32
     inversion_steps: int = 200
