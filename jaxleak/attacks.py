@@ -264,6 +264,87 @@ def _soft_label_task(task: Task) -> Task:
                 granularity=task.granularity, train_apply_fn=task.train_apply_fn, _layers=task.layers)
 
 
+def _update_fn(task: Task, loss_task: Task, sel: Sequence[Layer], *, method: str, batch: int,
+               local_steps: int) -> Callable:
+    """``run_updates(params, x, y, local_lr)``: each run's dummy update, x (n, B, ...) -> {layer: (n, ...)}."""
+    in_shape = task.input_shape
+    if local_steps == 1:
+        # IG needs only <u, t> and ||u||^2, which Dense layers give from
+        # their factors; DLG's ||u - t||^2 is formed from u itself (as
+        # ||u||^2 - 2<u, t> + ||t||^2 it would cancel once u is close to t).
+        per_example = per_example_grad_fn(loss_task, sel, factored=method == "ig", conv_patch_floats=_PATCH_FLOATS)
+
+        def run_updates(params, x, y, local_lr):
+            n = x.shape[0]
+            g = per_example(params, x.reshape(n * batch, *in_shape), y.reshape(n * batch, *y.shape[2:]))
+            return {name: _run_means(v, n, batch) for name, v in g.items()}
+
+        return run_updates
+    grad_loss = jax.grad(loss_task.loss)
+
+    def one_run(params, x, y, local_lr):
+        def step(carry, _):
+            p, acc = carry
+            g = grad_loss(p, x, y)
+            p = jax.tree.map(lambda w, gw: w - local_lr * gw, p, g)
+            return (p, jax.tree.map(jnp.add, acc, g)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (_, total), _ = jax.lax.scan(step, (params, zeros), None, length=local_steps)
+        return task.flatten(jax.tree.map(lambda t: t / local_steps, total), sel)
+
+    def run_updates(params, x, y, local_lr):
+        return jax.vmap(one_run, in_axes=(None, 0, 0, None))(params, x, y, local_lr)
+
+    return run_updates
+
+
+def _matching_fn(run_updates: Callable, names: tuple[str, ...], *, method: str, batch: int, soft: bool,
+                 in_shape: tuple, num_classes: int) -> Callable:
+    """``matching(params, z, targets, labels, weights, hyper)``: the matching loss of every run, (M, V, R)."""
+
+    def matching(params, z, targets, labels, weights, hyper):
+        runs = z["x"].shape[:3]
+        n = int(np.prod(runs))
+        x = z["x"].reshape(n, batch, *in_shape)
+        if soft:
+            y = jax.nn.softmax(z["q"]).reshape(n, batch, num_classes)
+        else:
+            y = jnp.broadcast_to(labels[None, :, None], (*runs, batch)).reshape(n, batch)
+        u = run_updates(params, x, y, hyper["local_lr"])
+        total = {"dot": 0.0, "uu": 0.0, "tt": 0.0, "sq": 0.0}
+        # Inner products over P_l as contractions (matrix products), not
+        # multiply-and-sum: XLA's CPU reductions of a broadcast product are
+        # several times slower than a matrix-vector product.
+        for i, name in enumerate(names):
+            ti = targets[name]
+            wi = weights[:, i][:, None, None]
+            if method == "ig":
+                if isinstance(u[name], OuterFactors):
+                    dot, uu = _factored_products(u[name], ti, runs)
+                else:
+                    ui = u[name].reshape(*runs, -1)
+                    dot, uu = jnp.einsum("mvrp,vp->mvr", ui, ti), jnp.einsum("mvrp,mvrp->mvr", ui, ui)
+                total["dot"] += wi * dot
+                total["uu"] += wi * uu
+                total["tt"] += wi * jnp.einsum("vp,vp->v", ti, ti)[None, :, None]
+            else:
+                diff = u[name].reshape(*runs, -1) - ti[None, :, None, :]
+                total["sq"] += wi * jnp.einsum("mvrp,mvrp->mvr", diff, diff)
+        if method == "ig":
+            return 1.0 - total["dot"] / jnp.maximum(jnp.sqrt(total["uu"]) * jnp.sqrt(total["tt"]), 1e-30)
+        return total["sq"]
+
+    return matching
+
+
+def _stepped_adam(lr, steps: int):
+    """Adam with the learning rate divided by 10 at 3/8, 5/8 and 7/8 of the steps (Geiping et al.)."""
+    bounds = {int(steps * f): 0.1 for f in (3 / 8, 5 / 8, 7 / 8)}
+    bounds = {b: v for b, v in bounds.items() if 0 < b < steps}
+    return optax.adam(optax.piecewise_constant_schedule(lr, bounds))
+
+
 def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: int, restarts: int, batch: int,
            soft: bool, signed: bool, box: bool, local_steps: int) -> dict[str, Callable]:
     """Jitted init / advance / final functions of the attack, cached on the task.
@@ -290,75 +371,14 @@ def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: in
     key = ("invert", method, names, steps, seg, restarts, batch, soft, signed, box, local_steps)
 
     def build():
-        num_classes = task.num_classes
-        in_shape = task.input_shape
         loss_task = _soft_label_task(task) if soft else task
-
-        if local_steps == 1:
-            # IG needs only <u, t> and ||u||^2, which Dense layers give from
-            # their factors; DLG's ||u - t||^2 is formed from u itself (as
-            # ||u||^2 - 2<u, t> + ||t||^2 it would cancel once u is close to t).
-            per_example = per_example_grad_fn(loss_task, sel, factored=method == "ig",
-                                              conv_patch_floats=_PATCH_FLOATS)
-
-            def run_updates(params, x, y, local_lr):
-                n = x.shape[0]
-                g = per_example(params, x.reshape(n * batch, *in_shape), y.reshape(n * batch, *y.shape[2:]))
-                return {name: _run_means(v, n, batch) for name, v in g.items()}
-        else:
-            grad_loss = jax.grad(loss_task.loss)
-
-            def one_run(params, x, y, local_lr):
-                def step(carry, _):
-                    p, acc = carry
-                    g = grad_loss(p, x, y)
-                    p = jax.tree.map(lambda w, gw: w - local_lr * gw, p, g)
-                    return (p, jax.tree.map(jnp.add, acc, g)), None
-
-                zeros = jax.tree.map(jnp.zeros_like, params)
-                (_, total), _ = jax.lax.scan(step, (params, zeros), None, length=local_steps)
-                return task.flatten(jax.tree.map(lambda t: t / local_steps, total), sel)
-
-            def run_updates(params, x, y, local_lr):
-                return jax.vmap(one_run, in_axes=(None, 0, 0, None))(params, x, y, local_lr)
-
-        def matching(params, z, targets, labels, weights, hyper):
-            """Matching loss of every run: (M, V, R)."""
-            runs = z["x"].shape[:3]
-            n = int(np.prod(runs))
-            x = z["x"].reshape(n, batch, *in_shape)
-            if soft:
-                y = jax.nn.softmax(z["q"]).reshape(n, batch, num_classes)
-            else:
-                y = jnp.broadcast_to(labels[None, :, None], (*runs, batch)).reshape(n, batch)
-            u = run_updates(params, x, y, hyper["local_lr"])
-            total = {"dot": 0.0, "uu": 0.0, "tt": 0.0, "sq": 0.0}
-            # Inner products over P_l as contractions (matrix products), not
-            # multiply-and-sum: XLA's CPU reductions of a broadcast product are
-            # several times slower than a matrix-vector product.
-            for i, name in enumerate(names):
-                ti = targets[name]
-                wi = weights[:, i][:, None, None]
-                if method == "ig":
-                    if isinstance(u[name], OuterFactors):
-                        dot, uu = _factored_products(u[name], ti, runs)
-                    else:
-                        ui = u[name].reshape(*runs, -1)
-                        dot, uu = jnp.einsum("mvrp,vp->mvr", ui, ti), jnp.einsum("mvrp,mvrp->mvr", ui, ui)
-                    total["dot"] += wi * dot
-                    total["uu"] += wi * uu
-                    total["tt"] += wi * jnp.einsum("vp,vp->v", ti, ti)[None, :, None]
-                else:
-                    diff = u[name].reshape(*runs, -1) - ti[None, :, None, :]
-                    total["sq"] += wi * jnp.einsum("mvrp,mvrp->mvr", diff, diff)
-            if method == "ig":
-                return 1.0 - total["dot"] / jnp.maximum(jnp.sqrt(total["uu"]) * jnp.sqrt(total["tt"]), 1e-30)
-            return total["sq"]
+        run_updates = _update_fn(task, loss_task, sel, method=method, batch=batch, local_steps=local_steps)
+        in_shape, num_classes = task.input_shape, task.num_classes
+        matching = _matching_fn(run_updates, names, method=method, batch=batch, soft=soft, in_shape=in_shape,
+                                num_classes=num_classes)
 
         def optimizer(lr):
-            bounds = {int(steps * f): 0.1 for f in (3 / 8, 5 / 8, 7 / 8)}
-            bounds = {b: v for b, v in bounds.items() if 0 < b < steps}
-            return optax.adam(optax.piecewise_constant_schedule(lr, bounds))
+            return _stepped_adam(lr, steps)
 
         def init(keys, weights):
             TRACE_COUNTS[key + ("init",)] += 1
