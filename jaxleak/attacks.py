@@ -46,7 +46,7 @@ import scipy.optimize
 
 from jaxleak import metrics
 from jaxleak.errors import InputError, NonFiniteError
-from jaxleak.grads import TRACE_COUNTS, OuterFactors, canonical_convs, per_example_grad_fn
+from jaxleak.grads import TRACE_COUNTS, OuterFactors, canonical_convs, local_sgd_update, per_example_grad_fn
 from jaxleak.scores import LayerScores, Score
 from jaxleak.task import Layer, Task
 
@@ -283,15 +283,7 @@ def _update_fn(task: Task, loss_task: Task, sel: Sequence[Layer], *, method: str
     grad_loss = jax.grad(loss_task.loss)
 
     def one_run(params, x, y, local_lr):
-        def step(carry, _):
-            p, acc = carry
-            g = grad_loss(p, x, y)
-            p = jax.tree.map(lambda w, gw: w - local_lr * gw, p, g)
-            return (p, jax.tree.map(jnp.add, acc, g)), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (_, total), _ = jax.lax.scan(step, (params, zeros), None, length=local_steps)
-        return task.flatten(jax.tree.map(lambda t: t / local_steps, total), sel)
+        return task.flatten(local_sgd_update(grad_loss, params, x, y, local_lr, local_steps), sel)
 
     def run_updates(params, x, y, local_lr):
         return jax.vmap(one_run, in_axes=(None, 0, 0, None))(params, x, y, local_lr)

@@ -923,6 +923,20 @@ def client_batches(n: int, *, batch_size: int, num_updates: int, seed: int = 0) 
     return np.asarray(jax.vmap(members)(keys, victims), dtype=np.int64)
 
 
+def local_sgd_update(grad_loss: Callable, params, x, y, lr, local_steps: int):
+    """The client update (W0 - W_K) / (K lr) of K local SGD steps on (x, y): exactly the mean of the K gradients."""
+
+    def step(carry, _):
+        p, acc = carry
+        g = grad_loss(p, x, y)
+        p = jax.tree.map(lambda w, gw: w - lr * gw, p, g)
+        return (p, jax.tree.map(jnp.add, acc, g)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (_, total), _ = jax.lax.scan(step, (params, zeros), None, length=local_steps)
+    return jax.tree.map(lambda t: t / local_steps, total)
+
+
 def _compiled_updates(task: Task, layers: Sequence[Layer], local_steps: int, sketch_dim: int | None,
                       sketch_seed: int) -> Callable:
     key = ("client_updates", tuple(layer.name for layer in layers), local_steps, sketch_dim, sketch_seed)
@@ -932,16 +946,7 @@ def _compiled_updates(task: Task, layers: Sequence[Layer], local_steps: int, ske
         grad_loss = jax.grad(task.loss)
 
         def one_update(params, lr, xb, yb):
-            def step(carry, _):
-                p, acc = carry
-                g = grad_loss(p, xb, yb)
-                p = jax.tree.map(lambda w, gw: w - lr * gw, p, g)
-                return (p, jax.tree.map(jnp.add, acc, g)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (_, total), _ = jax.lax.scan(step, (params, zeros), None, length=local_steps)
-            # (W0 - W_K) / (K lr) is exactly the mean of the K gradients.
-            return task.flatten(jax.tree.map(lambda t: t / local_steps, total), layers)
+            return task.flatten(local_sgd_update(grad_loss, params, xb, yb, lr, local_steps), layers)
 
         def traced(params, lr, xb, yb):
             TRACE_COUNTS[key] += 1
