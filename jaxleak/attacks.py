@@ -356,8 +356,9 @@ def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: in
     shared targets, whose reads 8 restarts share, instead of one
     (1 + I) x O outer product per run.
 
-    Shapes: keys (V, R); targets {layer: (V, P_l)}; labels (V, B) int;
-    weights (M, L), one row of layer weights per run group.
+    Shapes: random starts {"x": (V, R, B, H, W, C)[, "q": (V, R, B, classes)]};
+    targets {layer: (V, P_l)}; labels (V, B) int; weights (M, L), one row of
+    layer weights per run group.
     """
     names = tuple(layer.name for layer in sel)
     key = ("invert", method, names, steps, seg, restarts, batch, soft, signed, box, local_steps)
@@ -372,22 +373,14 @@ def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: in
         def optimizer(lr):
             return _stepped_adam(lr, steps)
 
-        def init(keys, weights):
+        def init(start, weights):
             TRACE_COUNTS[key + ("init",)] += 1
             m = weights.shape[0]
-
-            def one(rng):
-                kx, kq = jax.random.split(rng)
-                z = {"x": jax.random.uniform(kx, (batch, *in_shape), jnp.float32)}
-                if soft:
-                    z["q"] = jax.random.normal(kq, (batch, num_classes), jnp.float32)
-                return z
-
             # the same initialisations for every weight row (common random numbers across layers)
-            z = jax.tree.map(lambda a: jnp.broadcast_to(a, (m, *a.shape)), jax.vmap(jax.vmap(one))(keys))
+            z = jax.tree.map(lambda a: jnp.broadcast_to(a, (m, *a.shape)), start)
             return z, optimizer(1.0).init(z)
 
-        def advance(params, state, targets, labels, weights, hyper):
+        def advance(params, state, targets, labels, weights, hyper, last):
             TRACE_COUNTS[key] += 1
             opt = optimizer(hyper["lr"])
 
@@ -412,15 +405,14 @@ def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: in
                 return (z, opt_state), match
 
             state, trace = jax.lax.scan(body, state, None, length=seg)
-            return state, jnp.moveaxis(trace, 0, -1)
+            # the matching loss of the state reached, computed in the last segment only (it is the result's
+            # loss): part of this program, so that no second program is compiled for it
+            end = canonical_convs(lambda z: matching(params, z, targets, labels, weights, hyper),
+                                  patch_floats=_PATCH_FLOATS)
+            losses = jax.lax.cond(last, end, lambda z: jnp.zeros(trace.shape[1:], trace.dtype), state[0])
+            return state, jnp.moveaxis(trace, 0, -1), losses
 
-        def final(params, state, targets, labels, weights, hyper):
-            TRACE_COUNTS[key + ("final",)] += 1
-            z = state[0]
-            q = jnp.argmax(z["q"], axis=-1) if soft else None
-            return jnp.clip(z["x"], 0.0, 1.0), q, matching(params, z, targets, labels, weights, hyper)
-
-        return {"init": jax.jit(init), "advance": jax.jit(advance), "final": jax.jit(final)}
+        return {"init": jax.jit(init), "advance": jax.jit(advance)}
 
     return task.cached(key, build)
 
@@ -496,23 +488,29 @@ def _run(task: Task, target_update, *, weights_for: Callable[[int], np.ndarray],
     fns = _build(task, sel, method=method, steps=steps, seg=seg, restarts=restarts, batch=batch, soft=soft,
                  signed=defaults["signed"], box=defaults["box"], local_steps=local_steps)
     weights = jnp.asarray(weights_for(len(sel)), jnp.float32)
-    keys = jax.random.split(jax.random.key(seed), (victims, restarts))
+    # random starts drawn on the host (seeded; no program to compile): x uniform in [0, 1], soft labels N(0, 1)
+    rng = np.random.default_rng(seed)
+    start = {"x": rng.uniform(size=(victims, restarts, batch, *task.input_shape)).astype(np.float32)}
+    if soft:
+        start["q"] = rng.standard_normal((victims, restarts, batch, task.num_classes)).astype(np.float32)
     targets = {layer.name: jnp.asarray(update[layer.name]) for layer in sel}
     lab = jnp.asarray(lab)
     hyper = {"lr": jnp.float32(lr), "tv": jnp.float32(tv), "local_lr": jnp.float32(local_lr)}
 
-    state = fns["init"](keys, weights)
+    state = fns["init"](start, weights)
     segments = range(steps // seg)
     if progress:
         from tqdm.auto import tqdm
 
         segments = tqdm(segments, desc=f"{method} inversion", unit=f"x{seg} steps", leave=False)
     traces = []
-    for _ in segments:
-        state, trace = fns["advance"](task.params, state, targets, lab, weights, hyper)
+    for i in segments:
+        state, trace, losses = fns["advance"](task.params, state, targets, lab, weights, hyper,
+                                              np.bool_(i == steps // seg - 1))
         traces.append(trace)
-    x, q, losses = fns["final"](task.params, state, targets, lab, weights, hyper)
-    x, losses = np.asarray(x), np.asarray(losses)
+    z = state[0]
+    x, losses = np.clip(np.asarray(z["x"]), 0.0, 1.0), np.asarray(losses)
+    q = np.argmax(np.asarray(z["q"]), axis=-1) if soft else None
     trace = np.concatenate([np.asarray(t) for t in traces], axis=-1)
     # A diverged restart never wins; only a victim with no finite restart is an error.
     finite = np.where(np.isfinite(losses), losses, np.inf)

@@ -207,8 +207,8 @@ class EnsembleFit(NamedTuple):
       val_loss: (L, F, M) best validation loss of each member (training units:
         nats, or half the mean squared error per dimension of the standardised
         target), the criterion of selection.
-      best_step: (L, F, M) the step whose parameters were kept (0 = the
-        ignorant initial predictor).
+      best_step: (L, F, M) the step whose parameters were kept (``CLOSED_FORM``
+        for linear decoders, which are solved exactly).
       member_test_loss: (L, F, M) mean held-out loss of every member, for
         diagnostics only (selection never reads it).
       chosen: (L, F) index of the member chosen in each fold (lowest
@@ -279,6 +279,7 @@ class _Spec(NamedTuple):
     kind: str
     families: tuple[tuple[str, int, int], ...]  # (family, hidden, number of members)
     shared: bool = False  # the attacker's split: one member for all folds, victims scored by the fold average
+    projected: bool = False  # MLP members read each fold's principal components ("z"), not the features
 
 
 class _State(NamedTuple):
@@ -358,17 +359,30 @@ def _masked_mean(values, mask):
     return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def _family_objective(kind, family, params, wd, x, xt, mu, inv_sd, t, train, val):
-    """Objectives and validation losses of one family on one layer, both (F, M)."""
+def _family_inputs(family: str, layer: dict, spec: "_Spec"):
+    """What a family reads on one layer: (x, xt, mu, inv_sd, fold axis of x and xt or None).
 
-    def member(p, wd_m, mu_f, isd_f, t_f, tr_f, va_f):
-        ex = _train_loss(kind, _apply(family, p, x, xt, mu_f, isd_f), t_f)
+    Linear members read the features (N, W), standardised per fold by
+    (mu, inv_sd); projected MLP members read their fold's principal
+    components z (F, N, r), already standardised and centred.
+    """
+    if family == "mlp" and spec.projected:
+        return layer["z"], layer.get("zt"), jnp.zeros_like(layer["z_isd"]), layer["z_isd"], 0
+    return layer["x"], layer.get("xt"), layer["mu"], layer["inv_sd"], None
+
+
+def _family_objective(kind, family, params, wd, inputs, t, train, val):
+    """Objectives and validation losses of one family on one layer, both (F, M)."""
+    x, xt, mu, inv_sd, x_axis = inputs
+
+    def member(p, wd_m, x_f, xt_f, mu_f, isd_f, t_f, tr_f, va_f):
+        ex = _train_loss(kind, _apply(family, p, x_f, xt_f, mu_f, isd_f), t_f)
         obj = _masked_mean(ex, tr_f) + 0.5 * wd_m * _penalty(p)
         return obj, jax.lax.stop_gradient(_masked_mean(ex, va_f))
 
-    over_m = jax.vmap(member, in_axes=(0, 0, None, None, None, None, None))
-    over_f = jax.vmap(over_m, in_axes=(0, None, 0, 0, 0, 0, 0))
-    return over_f(params, wd, mu, inv_sd, t, train, val)
+    over_m = jax.vmap(member, in_axes=(0, 0, None, None, None, None, None, None, None))
+    over_f = jax.vmap(over_m, in_axes=(0, None, x_axis, x_axis, 0, 0, 0, 0, 0))
+    return over_f(params, wd, x, xt, mu, inv_sd, t, train, val)
 
 
 # ---------------------------------------------------------------- the compiled pieces
@@ -400,8 +414,8 @@ def _optimizer(lr, steps):
 def _total(params, spec: _Spec, data: dict, layer: dict):
     total, vals = 0.0, {}
     for family, _, _ in spec.families:
-        obj, val = _family_objective(spec.kind, family, params[family], data["wd"][family], layer["x"], layer["xt"],
-                                     layer["mu"], layer["inv_sd"], data["t_train"], data["train"], data["val"])
+        obj, val = _family_objective(spec.kind, family, params[family], data["wd"][family],
+                                     _family_inputs(family, layer, spec), data["t_train"], data["train"], data["val"])
         total = total + jnp.sum(obj)
         vals[family] = val
     return total, vals
@@ -423,7 +437,7 @@ def _segment(state: _State, data: dict, num_steps, spec: _Spec) -> _State:
         return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new, old)
 
     def run_layer(index, full: _State) -> _State:
-        layer = {name: data[name][index] for name in ("x", "xt", "mu", "inv_sd", "lr")}
+        layer = {name: data[name][index] for name in _LAYER_KEYS if name in data}
         s = jax.tree.map(lambda a: a[index], full)
         s = jax.lax.fori_loop(0, num_steps, lambda i, s_: body(layer, s_), s)
         return jax.tree.map(lambda a, v: a.at[index].set(v), full, s)
@@ -440,8 +454,10 @@ def _segment(state: _State, data: dict, num_steps, spec: _Spec) -> _State:
         updates, opt_state = _optimizer(layer["lr"], data["steps"]).update(grads, s.opt_state, s.params)
         return _State(optax.apply_updates(s.params, updates), opt_state, best_params, best_val, best_step, s.step + 1)
 
-    return jax.lax.fori_loop(0, data["x"].shape[0], run_layer, state)
+    return jax.lax.fori_loop(0, data["lr"].shape[0], run_layer, state)
 
+
+_LAYER_KEYS = ("x", "xt", "mu", "inv_sd", "lr", "z", "zt", "z_isd")
 
 _segment_jit = jax.jit(_segment, static_argnames=("spec",), donate_argnums=(0,))
 
@@ -453,11 +469,13 @@ def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):
     n = fold_of.shape[0]
 
     def layer(args):
-        params_l, x_l, mu_l, isd_l, val_l = args
+        params_l, inputs_l, val_l = args
         outs = []
         for family, _, _ in spec.families:
-            member = lambda p, mu_f, isd_f, fam=family: _apply(fam, p, x_l, None, mu_f, isd_f)  # noqa: E731
-            outs.append(jax.vmap(jax.vmap(member, in_axes=(0, None, None)))(params_l[family], mu_l, isd_l))
+            x_l, _, mu_l, isd_l, x_axis = _family_inputs(family, inputs_l, spec)
+            member = lambda p, x_f, mu_f, isd_f, fam=family: _apply(fam, p, x_f, None, mu_f, isd_f)  # noqa: E731
+            outs.append(jax.vmap(jax.vmap(member, in_axes=(0, None, None, None)), in_axes=(0, x_axis, 0, 0))(
+                params_l[family], x_l, mu_l, isd_l))
         out = jnp.concatenate(outs, axis=1)  # (F, M, N, K)
         val_rows = data["val"]
         if spec.kind == CLASSIFICATION:
@@ -495,7 +513,8 @@ def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):
         return member_test, chosen, loss_c, pred_rows, loss_rows
 
     val = jnp.concatenate([best_val[f] for f, _, _ in spec.families], axis=2)
-    return jax.lax.map(layer, (best_params, data["x"], data["mu"], data["inv_sd"], val))
+    inputs = {name: data[name] for name in ("x", "mu", "inv_sd", "z", "z_isd") if name in data}
+    return jax.lax.map(layer, (best_params, inputs, val))
 
 
 _score_jit = jax.jit(_score, static_argnames=("spec",))
@@ -516,37 +535,116 @@ def _fold_standardisation(x: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, 
     return mu.astype(np.float32), inv_sd.astype(np.float32)
 
 
-def _init_params(spec: _Spec, members: Sequence[Member], widths: np.ndarray, shape_lf: tuple[int, int],
-                 width: int, k: int, b0: np.ndarray) -> dict:
+def _init_params(spec: _Spec, members: Sequence[Member], shape_lf: tuple[int, int], widths: dict, k: int,
+                 b0: np.ndarray) -> dict:
     """Initial parameters, leading axes (L, F, M): every member starts as the ignorant predictor.
 
     Output weights are zero and the output bias is the fold's null prediction
     (log smoothed class frequencies; 0 = the training mean for regression).
-    MLP input weights are He-normal over the layer's true width; rows of
-    zero padding start (and stay) at zero.
+    MLP input weights are He-normal with the variance of the layer's true
+    width (``widths[family]`` = (input columns, (L,) columns in use, (L,) true
+    widths)); unused columns (zero padding) start, and stay, at zero.
     """
     num_l, num_f = shape_lf
     params, start = {}, 0
-    b0 = jnp.asarray(b0, jnp.float32)  # (F, K)
+    b0 = np.asarray(b0, np.float32)  # (F, K)
     for family, hidden, m in spec.families:
         group = members[start:start + m]
         start += m
-        bias = jnp.broadcast_to(b0[None, :, None, :], (num_l, num_f, m, k))
+        cols, used, true = widths[family]
+        bias = np.broadcast_to(b0[None, :, None, :], (num_l, num_f, m, k))
         if family == "linear":
-            params[family] = {"w": jnp.zeros((num_l, num_f, m, width, k), jnp.float32), "b": bias}
+            params[family] = {"w": np.zeros((num_l, num_f, m, cols, k), np.float32), "b": bias}
             continue
-        rows = (np.arange(width)[None, :] < widths[:, None]).astype(np.float32)  # (L, W)
-        scale = np.sqrt(2.0 / np.maximum(widths, 1)).astype(np.float32)[:, None] * rows
-        w1 = jnp.stack([jax.random.normal(jax.random.key(mem.seed), (num_l, num_f, width, hidden), jnp.float32)
-                        for mem in group], axis=2)
-        w1 = w1 * jnp.asarray(scale)[:, None, None, :, None]
+        rows = (np.arange(cols)[None, :] < used[:, None]).astype(np.float32)  # (L, cols)
+        scale = np.sqrt(2.0 / np.maximum(true, 1)).astype(np.float32)[:, None] * rows
+        w1 = np.stack([np.random.default_rng(mem.seed).standard_normal((num_l, num_f, cols, hidden), np.float32)
+                       for mem in group], axis=2)
+        w1 = w1 * scale[:, None, None, :, None]
         params[family] = {
             "w1": w1,
-            "b1": jnp.zeros((num_l, num_f, m, hidden), jnp.float32),
-            "w2": jnp.zeros((num_l, num_f, m, hidden, k), jnp.float32),
+            "b1": np.zeros((num_l, num_f, m, hidden), np.float32),
+            "w2": np.zeros((num_l, num_f, m, hidden, k), np.float32),
             "b2": bias,
         }
     return params
+
+
+def _top_directions(a: np.ndarray, r: int) -> np.ndarray:
+    """(W, r) orthonormal top-r principal directions of the rows of a (n, W), via the smaller Gram matrix."""
+    n, w = a.shape
+    if n < w:
+        e, u = np.linalg.eigh(a @ a.T)
+        u, e = u[:, ::-1][:, :r], e[::-1][:r]
+        v = (a.T @ u) / np.sqrt(np.maximum(e, 1e-300))
+    else:
+        e, v = np.linalg.eigh(a.T @ a)
+        v = v[:, ::-1][:, :r]
+    return _fix_signs(v)
+
+
+def _principal_features(x: np.ndarray, mu: np.ndarray, inv_sd: np.ndarray, keep: np.ndarray, widths: np.ndarray,
+                        r: int, shared: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each fold's top-r principal components of the standardised features, and their columns in use.
+
+    z[l, f] = ((x[l] - mu[l, f]) * inv_sd[l, f]) @ V[l, f] for every row, V the top principal directions of
+    fold f's non-held-out rows (the rows whose features the fold may read). Returns z (L, F, N, r) float32
+    and the number of columns in use per layer, min(r, true width, rows - 1); the rest are zero.
+    """
+    num_l, n, _ = x.shape
+    num_f = keep.shape[0]
+    z = np.zeros((num_l, num_f, n, r), np.float32)
+    used = np.minimum(np.minimum(r, widths), keep.sum(axis=1).min() - 1).astype(np.int64)
+    for i in range(num_l):
+        for f in range(num_f):
+            if shared and f > 0:
+                z[i, f] = z[i, 0]
+                continue
+            a = (x[i].astype(np.float64) - mu[i, f]) * inv_sd[i, f]
+            v = _top_directions(a[keep[f]], int(used[i]))
+            z[i, f, :, : used[i]] = a @ v
+    return z, used
+
+
+def _ridge(x: np.ndarray, mu: np.ndarray, inv_sd: np.ndarray, t: np.ndarray, train: np.ndarray, val: np.ndarray,
+           wds: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Linear decoders in closed form: the exact minimiser of the linear members' objective.
+
+    For weight decay lambda and a fold's n training rows, the objective
+    (1 / (2 n K)) sum ||s(x) w + b - t||^2 + lambda / 2 ||w||^2 (s: the fold's
+    standardisation, t: the standardised target of K columns) is minimised by
+    b = mean(t) - mean(s(x)) w and w = (Xc' Xc + n K lambda I)^-1 Xc' Tc over
+    the centred training rows, computed from one eigendecomposition per layer
+    and fold (of the smaller Gram matrix) for every lambda. Returns the
+    parameters (L, F, M, ...) and the validation losses (L, F, M) in training
+    units (half the mean squared error per target column).
+    """
+    num_l, n, width = x.shape
+    num_f, k, m = train.shape[0], t.shape[-1], wds.size
+    w_out = np.zeros((num_l, num_f, m, width, k), np.float32)
+    b_out = np.zeros((num_l, num_f, m, k), np.float32)
+    val_loss = np.zeros((num_l, num_f, m), np.float32)
+    for i in range(num_l):
+        for f in range(num_f):
+            s = (x[i].astype(np.float64) - mu[i, f]) * inv_sd[i, f]
+            tf = t[f].astype(np.float64)
+            xs, ts = s[train[f]], tf[train[f]]
+            xbar, tbar = xs.mean(axis=0), ts.mean(axis=0)
+            xc, tc = xs - xbar, ts - tbar
+            lam = xs.shape[0] * k * wds
+            if xc.shape[0] < width:  # w = Xc' (Xc Xc' + lam I)^-1 Tc
+                e, u = np.linalg.eigh(xc @ xc.T)
+                proj = u.T @ tc
+                w = np.stack([xc.T @ (u @ (proj / (np.maximum(e, 0.0)[:, None] + lv))) for lv in lam])
+            else:  # w = (Xc' Xc + lam I)^-1 Xc' Tc
+                e, v = np.linalg.eigh(xc.T @ xc)
+                proj = v.T @ (xc.T @ tc)
+                w = np.stack([v @ (proj / (np.maximum(e, 0.0)[:, None] + lv)) for lv in lam])
+            b = tbar[None] - np.einsum("w,mwk->mk", xbar, w)
+            out = np.einsum("nw,mwk->mnk", s[val[f]], w) + b[:, None]
+            val_loss[i, f] = 0.5 * np.mean(np.square(out - tf[val[f]][None]), axis=(1, 2))
+            w_out[i, f], b_out[i, f] = w, b
+    return {"w": w_out, "b": b_out}, val_loss
 
 
 def _check_split(split: Split, n: int) -> None:
@@ -581,7 +679,7 @@ def _family_groups(members: tuple[Member, ...]) -> list[list]:
 class _Targets(NamedTuple):
     """What the members predict and the null that they are measured against (host arrays)."""
 
-    data: dict  # device arrays for the compiled pieces (targets, scales, clipping range)
+    data: dict  # host arrays for the compiled pieces (targets, scales, clipping range)
     b0: np.ndarray  # (F, K) the null's output bias: every member starts as the ignorant predictor
     null_loss: np.ndarray  # (F, N) every row under each fold's null
     null_pred: np.ndarray  # (F, K) each fold's null prediction
@@ -598,7 +696,7 @@ def _classification_targets(target, keep: np.ndarray, num_classes: int) -> _Targ
     b0 = np.log(prior)
     if k == 2:  # one output: the logit of class 1 against class 0
         b0 = b0[:, 1:] - b0[:, :1]
-    data = {"y": jnp.asarray(y), "t_train": jnp.broadcast_to(jnp.asarray(y), (num_f, n))}
+    data = {"y": y, "t_train": np.ascontiguousarray(np.broadcast_to(y, (num_f, n)))}
     return _Targets(data, b0, -np.log(prior[:, y]), prior, None, None)
 
 
@@ -627,13 +725,13 @@ def _regression_targets(target, keep: np.ndarray, target_dim: int | None) -> _Ta
     # out_t: what the decoders predict (the target, or its coefficients), with its fold means out_mean
     t_scale = np.where(t_scale > 0, t_scale, 1.0)
     data = {
-        "t": jnp.asarray(out_t, jnp.float32),
-        "t_mean": jnp.asarray(out_mean, jnp.float32),
-        "t_train": jnp.asarray((out_t - out_mean[:, None]) / t_scale[:, None, None], jnp.float32),
-        "t_lo": jnp.asarray(np.stack([out_t[f, keep[f]].min(axis=0) for f in range(num_f)]), jnp.float32),
-        "t_hi": jnp.asarray(np.stack([out_t[f, keep[f]].max(axis=0) for f in range(num_f)]), jnp.float32),
-        "t_resid": jnp.asarray(resid, jnp.float32),
-        "t_scale": jnp.asarray(t_scale, jnp.float32),
+        "t": np.asarray(out_t, np.float32),
+        "t_mean": np.asarray(out_mean, np.float32),
+        "t_train": np.asarray((out_t - out_mean[:, None]) / t_scale[:, None, None], np.float32),
+        "t_lo": np.stack([out_t[f, keep[f]].min(axis=0) for f in range(num_f)]).astype(np.float32),
+        "t_hi": np.stack([out_t[f, keep[f]].max(axis=0) for f in range(num_f)]).astype(np.float32),
+        "t_resid": np.asarray(resid, np.float32),
+        "t_scale": np.asarray(t_scale, np.float32),
     }
     return _Targets(data, np.zeros((num_f, out_t.shape[2])), null_loss, out_mean, basis, t_mean)
 
@@ -655,8 +753,8 @@ def _train(state: _State, data: dict, spec: _Spec, steps: int, segment: int, pat
             if bar is not None:
                 bar.update(count)
             if patience is not None:
-                last = state.step[:, None, None] - 1
-                if all(bool(jnp.all(last - s > patience)) for s in state.best_step.values()):
+                last = np.asarray(state.step)[:, None, None] - 1
+                if all(np.all(last - np.asarray(s) > patience) for s in state.best_step.values()):
                     break
     finally:
         if bar is not None:
@@ -667,7 +765,7 @@ def _train(state: _State, data: dict, spec: _Spec, steps: int, segment: int, pat
 def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members: Sequence[Member], *,
                  kind: str, num_classes: int | None = None, widths: np.ndarray | None = None, steps: int = 300,
                  lr: float = 0.05, patience: int | None = 100, target_dim: int | None = None,
-                 segment: int | None = None, progress: bool = False) -> EnsembleFit:
+                 segment: int | None = None, mlp_features: int | None = 256, progress: bool = False) -> EnsembleFit:
     """Train every member on every layer and fold at once; select per fold by validation loss; score held out.
 
     Args:
@@ -696,6 +794,17 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
         family's. None: never reduce.
       segment: steps per compiled segment (progress and stopping are checked
         between segments); default max(10, steps // 20).
+      mlp_features: MLP members read the top ``mlp_features`` principal
+        components of each fold's standardised features (computed on the
+        rows the fold may read: its training and validation rows) instead of
+        all W columns, which divides the cost of their first layer by
+        W / mlp_features. A restricted family (the linear members still read
+        every column). None, or a value >= W: the MLP reads every column.
+
+    Linear decoders (regression) are solved in closed form (:func:`_ridge`,
+    the exact minimiser of their objective for each weight decay; their
+    ``best_step`` is ``CLOSED_FORM``); linear classifiers and MLPs train by
+    full-batch Adam.
 
     Selection: per layer and fold, the member (and its step) with the lowest
     validation loss. It is always a trained model, never the ignorant
@@ -734,6 +843,8 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
         raise InputError(f"lr must be a positive number, got {lr!r}")
     if target_dim is not None and (not isinstance(target_dim, (int, np.integer)) or target_dim < 1):
         raise InputError(f"target_dim must be a positive integer or None, got {target_dim!r}")
+    if mlp_features is not None and (not isinstance(mlp_features, (int, np.integer)) or mlp_features < 1):
+        raise InputError(f"mlp_features must be a positive integer or None, got {mlp_features!r}")
     members = tuple(members)
     families = _family_groups(members)
     widths = np.full(num_l, width) if widths is None else np.asarray(widths)
@@ -745,48 +856,95 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     stats_keep = np.broadcast_to(keep.any(axis=0), keep.shape) if split.shared else keep
     targets = (_classification_targets(target, stats_keep, num_classes) if kind == CLASSIFICATION
                else _regression_targets(target, stats_keep, target_dim))
+    names = [f for f, _, _ in families]
+    projected = "mlp" in names and mlp_features is not None and mlp_features < width
+    closed_form = kind == REGRESSION and "linear" in names  # ridge: solved exactly, not trained
+    trained = [f for f in families if not (closed_form and f[0] == "linear")]
+    reads_x = any(f[0] == "linear" or not projected for f in trained)
 
-    data = {"x": jnp.asarray(x), "xt": jnp.asarray(np.ascontiguousarray(x.transpose(0, 2, 1))),
-            "mu": jnp.asarray(mu), "inv_sd": jnp.asarray(inv_sd),
-            "train": jnp.asarray(split.train), "val": jnp.asarray(split.val), "test": jnp.asarray(split.test),
-            "fold_of": jnp.asarray(split.fold_of, jnp.int32), "lr": jnp.asarray(layer_lr(lr, widths), jnp.float32),
-            "steps": jnp.float32(steps),
-            "wd": {}, **targets.data}
+    # host arrays; each piece below receives them once as device arrays
+    data = {"x": x, "mu": mu, "inv_sd": inv_sd, "train": np.asarray(split.train), "val": np.asarray(split.val),
+            "test": np.asarray(split.test), "fold_of": np.asarray(split.fold_of, np.int32),
+            "lr": layer_lr(lr, widths).astype(np.float32), "steps": np.float32(steps), "wd": {}, **targets.data}
+    if reads_x:
+        data["xt"] = np.ascontiguousarray(x.transpose(0, 2, 1))
+    in_widths = {"linear": (width, widths, widths), "mlp": (width, widths, widths)}
+    if projected:
+        z, used = _principal_features(x, mu, inv_sd, keep, widths, int(mlp_features), bool(split.shared))
+        data["z"] = z
+        data["zt"] = np.ascontiguousarray(z.transpose(0, 1, 3, 2))
+        cols = np.arange(z.shape[-1])[None, :] < used[:, None]
+        data["z_isd"] = np.ascontiguousarray(np.broadcast_to(cols[:, None], (num_l, num_f, z.shape[-1])), np.float32)
+        in_widths["mlp"] = (z.shape[-1], used, widths)
     start = 0
     for family, _, m in families:
-        data["wd"][family] = jnp.asarray([mem.weight_decay for mem in members[start:start + m]], jnp.float32)
+        data["wd"][family] = np.asarray([mem.weight_decay for mem in members[start:start + m]], np.float32)
         start += m
-    spec = _Spec(kind, tuple((f, int(h), int(m)) for f, h, m in families), bool(split.shared))
-    params = _init_params(spec, members, widths, (num_l, num_f), width, targets.b0.shape[1], targets.b0)
-    opt_state = jax.vmap(_optimizer(lr, data["steps"]).init)(params)  # Adam's state does not depend on lr
+    spec = _Spec(kind, tuple((f, int(h), int(m)) for f, h, m in families), bool(split.shared), projected)
+    train_spec = spec._replace(families=tuple((f, int(h), int(m)) for f, h, m in trained))
+    k = targets.b0.shape[1]
     shape = lambda m: (num_l, num_f, m)  # noqa: E731
-    state = _State(params, opt_state, jax.tree.map(jnp.copy, params),  # distinct buffers: the state is donated
-                   {f: jnp.full(shape(m), jnp.inf, jnp.float32) for f, _, m in spec.families},
-                   {f: jnp.zeros(shape(m), jnp.int32) for f, _, m in spec.families}, jnp.zeros(num_l, jnp.int32))
-    state, done = _train(state, _training_rows(data, keep.any(axis=0)), spec, int(steps),
-                         int(segment or max(10, steps // 20)), patience, progress)
-    return _select_and_score(state, data, spec, split, members, targets, done)
+    done = 0
+    best_params, best_val, best_step = {}, {}, {}
+    if trained:
+        params = _init_params(train_spec, [mem for mem in members if not (closed_form and mem.family == "linear")],
+                              (num_l, num_f), in_widths, k, targets.b0)
+        state = _init_state_jit(params, num_l)
+        train_data = _training_rows(data, keep.any(axis=0))
+        if not reads_x:
+            del train_data["x"]
+        state, done = _train(state, jax.device_put(train_data), train_spec, int(steps),
+                             int(segment or max(10, steps // 20)), patience, progress)
+        best_params, best_val, best_step = dict(state.best_params), dict(state.best_val), dict(state.best_step)
+    if closed_form:
+        wds = np.asarray([mem.weight_decay for mem in members if mem.family == "linear"], np.float64)
+        best_params["linear"], val = _ridge(x, mu, inv_sd, np.asarray(data["t_train"]), split.train, split.val, wds)
+        best_val["linear"] = val
+        best_step["linear"] = np.full(shape(wds.size), CLOSED_FORM, np.int32)
+    scoring = {key: value for key, value in data.items() if key not in ("xt", "zt")}  # transposes train only
+    return _select_and_score(best_params, best_val, best_step, scoring, spec, split, members, targets, done)
+
+
+def _init_state(params: dict, num_layers: int) -> _State:
+    """The training state, every buffer distinct (the state is donated): parameters, Adam's state (which does
+    not depend on the learning rate), best parameters and validation losses so far, steps per layer."""
+    TRACE_COUNTS["ensemble_init"] += 1
+    opt_state = jax.vmap(_optimizer(1.0, 1.0).init)(params)
+    shapes = {f: p["b1" if "b1" in p else "b"].shape[:3] for f, p in params.items()}
+    return _State(params, opt_state, jax.tree.map(jnp.copy, params),
+                  {f: jnp.full(s, jnp.inf, jnp.float32) for f, s in shapes.items()},
+                  {f: jnp.zeros(s, jnp.int32) for f, s in shapes.items()}, jnp.zeros(num_layers, jnp.int32))
+
+
+_init_state_jit = jax.jit(_init_state, static_argnums=(1,))
+
+
+# best_step of a member solved in closed form (no optimisation steps)
+CLOSED_FORM = -1
 
 
 def _training_rows(data: dict, rows: np.ndarray) -> dict:
-    """The data the training segments read, restricted to the rows that train or validate in some fold
+    """The (host) data the training segments read, restricted to the rows that train or validate in some fold
     (scoring-only rows, e.g. the victims of the attacker's split, never enter a training step)."""
     if rows.all():
         return data
-    index = jnp.asarray(np.flatnonzero(rows))
+    index = np.flatnonzero(rows)
     out = dict(data)
     out["x"] = data["x"][:, index]
-    out["xt"] = data["xt"][:, :, index]
+    if "xt" in data:
+        out["xt"] = data["xt"][:, :, index]
     for key in ("train", "val", "t_train"):
         out[key] = data[key][:, index]
+    if "z" in data:
+        out["z"] = data["z"][:, :, index]
+        out["zt"] = data["zt"][..., index]
     return out
 
 
-def _select_and_score(state: _State, data: dict, spec: _Spec, split: Split, members: tuple[Member, ...],
-                      targets: _Targets, steps_run: int) -> EnsembleFit:
+def _select_and_score(best_params: dict, best_val: dict, best_step: dict, data: dict, spec: _Spec, split: Split,
+                      members: tuple[Member, ...], targets: _Targets, steps_run: int) -> EnsembleFit:
     """Each fold's member with the lowest validation loss, its validation gain, and the scored rows' losses."""
-    member_test, chosen, loss_c, pred_rows, loss_rows = _score_jit(state.best_params, state.best_val, data,
-                                                                   spec=spec)
+    member_test, chosen, loss_c, pred_rows, loss_rows = _score_jit(best_params, best_val, data, spec=spec)
     chosen = np.array(chosen)
     loss_c = np.asarray(loss_c, np.float64)
     num_l, num_f = chosen.shape
@@ -811,8 +969,8 @@ def _select_and_score(state: _State, data: dict, spec: _Spec, split: Split, memb
         gain[:, f] = diff.mean(axis=1)
         gain_se[:, f] = diff.std(axis=1, ddof=1) / math.sqrt(diff.shape[1]) if diff.shape[1] > 1 else np.inf
         val_row_loss[:, split.val[f]] = loss_c[:, f, split.val[f]]
-    best_step = np.concatenate([np.asarray(state.best_step[f]) for f, _, _ in spec.families], axis=2)
-    val = np.concatenate([np.asarray(state.best_val[f]) for f, _, _ in spec.families], axis=2)
+    best_step = np.concatenate([np.asarray(best_step[f]) for f, _, _ in spec.families], axis=2)
+    val = np.concatenate([np.asarray(best_val[f]) for f, _, _ in spec.families], axis=2)
     return EnsembleFit(members, val, best_step, np.asarray(member_test), chosen, gain, gain_se, heldout_loss,
                        pred, null_rows, null_pred, steps_run, mix, targets.basis, targets.mean, fold_of, rows,
                        val_row_loss)
@@ -845,6 +1003,10 @@ def _mix_with_prior(loss_c: np.ndarray, null_loss: np.ndarray, val: np.ndarray,
 def _principal_directions(centred: np.ndarray, r: int) -> np.ndarray:
     """(D, r) orthonormal top-r right singular vectors of centred rows (n, D); sign fixed for determinism."""
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    v = vt[:r].T
+    return _fix_signs(vt[:r].T)
+
+
+def _fix_signs(v: np.ndarray) -> np.ndarray:
+    """Columns of v with their largest-magnitude entry positive (a deterministic sign for each direction)."""
     signs = np.sign(v[np.argmax(np.abs(v), axis=0), np.arange(v.shape[1])])
     return v * np.where(signs == 0, 1.0, signs)

@@ -4,7 +4,7 @@ Each entry says where the measure goes in results.json (a dotted key), how a
 table shows it, and how to compute it from (task, x, y, z, options). Options
 are the run-level settings: ``seed``, ``chunk_size``, ``probes``,
 ``permutations``, ``sketch_dim``, ``noise_std``, ``vinfo_steps``,
-``vinfo_folds``, ``inversion_n``, ``inversion_steps``, and ``aux``, the
+``vinfo_folds``, ``vinfo_patience``, ``inversion_n``, ``inversion_steps``, and ``aux``, the
 attacker's auxiliary examples ``(x, y, z)`` (V-information trains its attack
 models on them; without it, it cross-fits over the measured examples).
 """
@@ -65,6 +65,7 @@ def _vinfo(target_kind: str):
             aux = tuple(aux) if target_kind == "latent" else tuple(aux[:2])
         return v_information(task, x, y, target, aux=aux, sketch_dim=opts.get("sketch_dim", 1024),
                              seed=opts.get("seed", 0), steps=opts.get("vinfo_steps", 150),
+                             patience=opts.get("vinfo_patience", 50),
                              folds=opts.get("vinfo_folds", 3), inversion_n=opts.get("inversion_n", 32),
                              inversion_steps=opts.get("inversion_steps", 200), chunk_size=opts.get("chunk_size"),
                              progress=progress)

@@ -52,6 +52,7 @@ class RunConfig:
     sketch_dim: int = 1024
     vinfo_steps: int = 150
     vinfo_folds: int = 3
+    vinfo_patience: int = 50
     inversion_n: int = 32
     inversion_steps: int = 200
     params: str | None = None
@@ -167,7 +168,8 @@ def prepare(config: RunConfig, *, progress: bool = True) -> Prepared:
     unknown = [m for m in config.measures if m not in measures_lib.REGISTRY]
     if unknown:
         raise UnknownNameError(f"unknown measure(s) {unknown}; choose from {measure_names()}")
-    for name in ("n", "probes", "sketch_dim", "batch_size", "vinfo_steps", "inversion_n", "inversion_steps"):
+    for name in ("n", "probes", "sketch_dim", "batch_size", "vinfo_steps", "vinfo_patience", "inversion_n",
+                 "inversion_steps"):
         if getattr(config, name) < 1:
             raise InputError(f"{name} must be >= 1, got {getattr(config, name)}")
     if config.permutations < 2:
@@ -385,6 +387,7 @@ def measure_options(config: RunConfig) -> dict:
     return {"seed": config.seed, "chunk_size": config.chunk_size, "probes": config.probes,
             "permutations": config.permutations, "sketch_dim": config.sketch_dim,
             "vinfo_steps": config.vinfo_steps, "vinfo_folds": config.vinfo_folds,
+            "vinfo_patience": config.vinfo_patience,
             "inversion_n": config.inversion_n, "inversion_steps": config.inversion_steps}
 
 

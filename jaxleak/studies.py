@@ -112,6 +112,7 @@ class StudyConfig:
     sketch_dim: int = 1024
     vinfo_steps: int = 150
     vinfo_folds: int = 3
+    vinfo_patience: int = 50
     vinfo_boot: int = 200
     local_lr: float = 0.01
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -154,7 +155,8 @@ def validate(config: StudyConfig) -> None:
         raise InputError("a study needs at least one measure")
     if config.model not in models.names():
         raise UnknownNameError(f"unknown model {config.model!r}; choose one of {models.names()}")
-    for name in ("n", "probes", "sketch_dim", "batch_size", "vinfo_steps", "vinfo_boot", "update_batch_size",
+    for name in ("n", "probes", "sketch_dim", "batch_size", "vinfo_steps", "vinfo_patience", "vinfo_boot",
+                 "update_batch_size",
                  "update_local_steps", "attack_victims", "attack_steps", "attack_restarts"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise InputError(f"{name} must be an integer >= 1, got {getattr(config, name)!r}")
@@ -457,7 +459,8 @@ def _vinfo_scores(features, target, config: StudyConfig, sketched: Mapping[str, 
     aux_features, aux_target = aux if aux is not None else (None, None)
     scores = v_information_from_features(features, target, aux_features=aux_features, aux_target=aux_target,
                                          sketch_dim=config.sketch_dim, steps=config.vinfo_steps,
-                                         folds=config.vinfo_folds, n_boot=config.vinfo_boot, seed=config.seed)
+                                         folds=config.vinfo_folds, n_boot=config.vinfo_boot, seed=config.seed,
+                                         patience=config.vinfo_patience)
     if sketched:
         scores.meta["lower_bound"] = (f"layers {sorted(sketched)} were count-sketched to {config.sketch_dim} "
                                       f"features: a lower bound for the attack family on the full update")

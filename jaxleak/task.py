@@ -356,9 +356,14 @@ class Task:
 def _compiled_init(module) -> Callable:
     """``module.init`` as one compiled program, shared by equal modules.
 
-    Gives bitwise the values of the eager ``module.init``, which compiles
-    every initialiser and layer of the forward pass as a program of its own.
+    The eager ``module.init`` would compile every initialiser and layer of
+    the forward pass as a program of its own. It runs once, so on the CPU it
+    is compiled without XLA's backend optimisations (LeNet: 0.7 s instead of
+    3 s to compile); its values equal the eager ones up to float rounding
+    (at most one unit in the last place).
     """
+    if jax.default_backend() == "cpu":
+        return jax.jit(module.init, compiler_options={"xla_backend_optimization_level": 0})
     return jax.jit(module.init)
 
 

@@ -91,7 +91,8 @@ def _measure(ctx, task: Task, measure: str) -> dict:
 
     aux = (ctx.aux_x, ctx.aux_y, ctx.aux_z) if ctx.aux_info["n"] else None
     return v_information(task, x, y, z, aux=aux, sketch_dim=config.sketch_dim, steps=config.vinfo_steps,
-                         folds=config.vinfo_folds, n_boot=config.vinfo_boot, seed=config.seed).to_dict()
+                         folds=config.vinfo_folds, n_boot=config.vinfo_boot, seed=config.seed,
+                         patience=config.vinfo_patience).to_dict()
 
 
 def run_validation(ctx, out: str, *, resume: bool, progress: bool,

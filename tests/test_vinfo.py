@@ -418,3 +418,51 @@ def test_planted_latent_information_grows_with_strength():
     values = [best[s][0] for s in (0.0, 0.5, 1.0, 2.0)]
     assert all(b >= a - 0.02 for a, b in zip(values, values[1:])), best
     assert best[1.0][1][0] > 0.0 and best[2.0][1][0] > best[1.0][1][1], best
+
+
+def test_linear_decoders_are_the_exact_ridge_solution():
+    """Closed-form linear decoders equal scikit-learn's Ridge on the fold's standardised training rows."""
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(11)
+    n, w, k = 120, 40, 3
+    for rows in (n, 30):  # more rows than features (primal) and fewer (dual)
+        x = rng.normal(size=(1, rows, w)).astype(np.float32) * rng.uniform(0.5, 3.0, size=w).astype(np.float32)
+        t = rng.normal(size=(1, rows, k))
+        split = ensemble.cross_fit_split(rows, 3, seed=1)
+        keep = split.train | split.val
+        mu, inv_sd = ensemble._fold_standardisation(x, keep)
+        wds = np.array([1e-3, 1e-1])
+        params, val = ensemble._ridge(x, mu, inv_sd, np.broadcast_to(t, (3, rows, k)), split.train, split.val, wds)
+        for f in range(3):
+            s = (x[0].astype(np.float64) - mu[0, f]) * inv_sd[0, f]
+            for m, wd in enumerate(wds):
+                tr = split.train[f]
+                ref = Ridge(alpha=tr.sum() * k * wd).fit(s[tr], t[0, tr])
+                pred = s @ params["w"][0, f, m] + params["b"][0, f, m]
+                np.testing.assert_allclose(pred, ref.predict(s), rtol=1e-4, atol=1e-4)
+                ref_val = 0.5 * np.mean(np.square(ref.predict(s[split.val[f]]) - t[0, split.val[f]]))
+                assert val[0, f, m] == pytest.approx(ref_val, rel=1e-4)
+
+
+def test_mlp_features_are_the_folds_principal_components():
+    """z equals scikit-learn's PCA of the fold's non-held-out standardised rows, applied to every row."""
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(12)
+    n, w, r = 200, 30, 5
+    x = (rng.normal(size=(1, n, 8)) @ rng.normal(size=(8, w)) + 0.1 * rng.normal(size=(1, n, w))).astype(np.float32)
+    split = ensemble.cross_fit_split(n, 4, seed=0)
+    keep = split.train | split.val
+    mu, inv_sd = ensemble._fold_standardisation(x, keep)
+    z, used = ensemble._principal_features(x, mu, inv_sd, keep, np.array([w]), r, shared=False)
+    assert z.shape == (1, 4, n, r) and used.tolist() == [r]
+    for f in range(4):
+        s = (x[0].astype(np.float64) - mu[0, f]) * inv_sd[0, f]
+        ref = PCA(r, svd_solver="full").fit(s[keep[f]]).transform(s)
+        signs = np.sign(np.sum(ref * z[0, f], axis=0))
+        np.testing.assert_allclose(z[0, f], ref * signs, rtol=1e-3, atol=1e-3)
+    # a narrow layer keeps all its columns; the rest of its r are zero
+    z, used = ensemble._principal_features(x[:, :, :3], mu[:, :, :3], inv_sd[:, :, :3], keep, np.array([3]), r,
+                                           shared=False)
+    assert used.tolist() == [3] and np.all(z[..., 3:] == 0)
