@@ -34,6 +34,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     from jaxleak import run as run_lib
 
     p.add_argument("--config", metavar="FILE", help="TOML file with run options (flags override it)")
+    p.add_argument("--preset", choices=sorted(run_lib.PRESETS),
+                   help="a named set of options that the given flags and config keys override; 'paper': "
+                        "MNIST-sized runs with the power to decide (n 1000, aux-n 2048, probes 32, "
+                        "permutations 200, inversion-n 64)")
     p.add_argument("--dataset", help="data set name (see `jaxleak list datasets`); default digits")
     p.add_argument("--data-opt", action="append", type=_data_option, default=[], metavar="KEY=VALUE",
                    help="data set option, e.g. strength=1.0 (planted), data_dir=PATH, split=test, "
@@ -77,6 +81,7 @@ _RUN_FLAGS = {
     "permutations": "permutations", "sketch_dim": "sketch_dim", "chunk_size": "chunk_size", "params": "params",
     "devices": "devices", "vinfo_steps": "vinfo_steps", "vinfo_folds": "vinfo_folds", "aux_n": "aux_n",
     "train_fraction": "train_fraction", "inversion_n": "inversion_n", "inversion_steps": "inversion_steps",
+    "preset": "preset",
 }
 
 
@@ -93,7 +98,7 @@ def _run_config(args):
     if args.model_opt:
         options["model_options"] = {**options.get("model_options", {}), **dict(args.model_opt)}
     options = run_lib.validate_options(options, source="command line")
-    return run_lib.RunConfig(**options)
+    return run_lib.RunConfig(**run_lib.apply_preset(options, source="command line"))
 
 
 def _add_compile_cache_arguments(p: argparse.ArgumentParser) -> None:

@@ -33,7 +33,12 @@ SCHEMA = "jaxleak.results/1"
 
 @dataclasses.dataclass
 class RunConfig:
-    """Everything that decides a run's numbers (written to results.json as ``config``)."""
+    """Everything that decides a run's numbers (written to results.json as ``config``).
+
+    ``preset`` records the name of the preset the options came from; the
+    preset's values are filled in by :func:`apply_preset` (the CLI and
+    config files do this) or :func:`preset_config`, not by this class.
+    """
 
     dataset: str = "digits"
     model: str = "lenet"
@@ -57,6 +62,7 @@ class RunConfig:
     inversion_steps: int = 200
     params: str | None = None
     devices: int = 1
+    preset: str | None = None
     data_options: dict = dataclasses.field(default_factory=dict)
     model_options: dict = dataclasses.field(default_factory=dict)
 
@@ -68,6 +74,30 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d["measures"] = list(self.measures)
         return d
+
+
+# Named sets of options (``--preset``, or ``preset = "..."`` in a config file); options given explicitly win.
+PRESETS: dict[str, dict] = {
+    # MNIST-sized runs with the power to decide the paper's findings (docs/method.md section 9): 1,000 victims,
+    # the attacker's 2,048 auxiliary examples (or all that are left), 32 Hutchinson probes, enough permutations for
+    # a Holm-adjusted p below 0.05 over up to 10 layers (1 / (R + 1) < 0.005), 64 white-box inversion victims.
+    "paper": {"n": 1000, "aux_n": 2048, "probes": 32, "permutations": 200, "inversion_n": 64},
+}
+
+
+def apply_preset(options: dict, source: str = "options") -> dict:
+    """``options`` over the preset they name (if any): the preset's values for every option not given."""
+    name = options.get("preset")
+    if name is None:
+        return dict(options)
+    if name not in PRESETS:
+        raise UnknownNameError(f"{source}: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return {**PRESETS[name], **options}
+
+
+def preset_config(name: str, **overrides) -> "RunConfig":
+    """The :class:`RunConfig` of a preset, with ``overrides`` (library use of ``jaxleak run --preset NAME``)."""
+    return RunConfig(**apply_preset({"preset": name, **overrides}))
 
 
 def config_fields() -> list[str]:

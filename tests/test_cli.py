@@ -200,6 +200,22 @@ def test_resume_with_other_options_is_refused(small_run, tmp_path, capsys):
     assert "differs in ['seed']" in capsys.readouterr().err
 
 
+def test_preset_fills_what_flags_and_config_leave(tmp_path, capsys):
+    """--preset paper sets its options; a config key and a flag each override the preset."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('preset = "paper"\nprobes = 4\n')
+    args = cli.build_parser().parse_args(["run", "--config", str(cfg), "--n", "12"])
+    config = cli._run_config(args)
+    paper = run_lib.PRESETS["paper"]
+    assert config.preset == "paper" and config.n == 12 and config.probes == 4
+    assert config.aux_n == paper["aux_n"] and config.permutations == paper["permutations"]
+    assert config.inversion_n == paper["inversion_n"]
+    assert run_lib.preset_config("paper", n=5).n == 5 and run_lib.preset_config("paper").n == paper["n"]
+    cfg.write_text('preset = "huge"\n')
+    assert cli.main(["run", "--config", str(cfg), "--out", str(tmp_path / "c")]) == 2
+    assert "unknown preset 'huge'" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
 def test_run_config_validation():
     with pytest.raises(Exception, match="integer"):
         run_lib.validate_options({"n": "many"})
