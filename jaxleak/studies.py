@@ -308,9 +308,18 @@ def _compiled_sensitivity(task: Task, defense, local_steps: int, probes: int) ->
     return task.cached(key, build)
 
 
+# Updates per chunk at most on the CPU (each update is a batch of B examples).
+_CPU_UPDATES_CAP = 64
+
+
 def _chunk(task: Task, num_updates: int, batch_size: int, factor: int) -> int:
+    """Updates per chunk: ``factor`` floats per parameter per example within the backend's chunk budget
+    (:func:`jaxleak.grads.chunk_limits`: 128 MiB on the CPU, a fraction of the free device memory on a GPU/TPU)."""
+    floats, cap = grads_lib.chunk_limits(grads_lib._CHUNK_FLOATS)
+    if grads_lib._device().platform == "cpu":
+        cap = _CPU_UPDATES_CAP
     per = max(1, task.num_params * batch_size * factor)
-    return int(max(1, min(num_updates, 64, grads_lib._CHUNK_FLOATS // per)))
+    return int(max(1, min(num_updates, cap, floats // per)))
 
 
 def study_updates(task: Task, x, y, *, defense=None, batch_size: int = 1, local_steps: int = 1, lr: float = 0.1,

@@ -348,6 +348,21 @@ def test_accelerator_chunks_follow_free_memory(lenet, monkeypatch, platform):
     assert grads.default_chunk_size(task, wide, 100) == 100
 
 
+def test_study_chunks_follow_the_backend(lenet, monkeypatch):
+    """Client-update chunks of the studies: 64 updates on the CPU, the free device memory on a GPU."""
+    from jaxleak import studies
+
+    task, _, _ = lenet
+    per = task.num_params * 4 * 3  # B = 4 examples, 3 floats per parameter each
+    assert studies._chunk(task, 10 ** 6, 4, 3) == min(64, grads._CHUNK_FLOATS // per)
+    sizes = []
+    for free_gib in (8, 16):
+        _stub_device(monkeypatch, "gpu", {"bytes_limit": free_gib * 2 ** 30, "bytes_in_use": 0})
+        sizes.append(studies._chunk(task, 10 ** 6, 4, 3))
+    assert sizes == [min(16384, int(g * 2 ** 30 * grads.DEVICE_MEMORY_FRACTION) // 4 // per) for g in (8, 16)]
+    assert sizes[1] > sizes[0] > 64
+
+
 def test_accelerator_without_memory_report_uses_the_documented_default(lenet, monkeypatch):
     task, _, _ = lenet
     wide = [Layer("w", 2 ** 20, (0,), ((2 ** 20,),), ("w",))]

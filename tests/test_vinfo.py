@@ -8,6 +8,7 @@ poisoned held-out targets (by construction).
 
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -359,6 +360,28 @@ def test_input_reconstruction_on_a_model(digits):
         assert 10 * math.log10(1.0 / s["mse"]) == pytest.approx(s["psnr"], abs=3.0)
     # MSE_0 per pixel is at most the pixel variance plus fold-to-fold mean shifts.
     assert scores["Dense_0"]["mse_null"] == pytest.approx(np.var(ds.x, axis=0).mean(), rel=0.05)
+
+
+def test_latent_and_input_measures_share_one_sketch(digits, monkeypatch):
+    """Equal parameters, examples and sketch: the gradients are sketched once; other parameters: again."""
+    import jaxleak.grads as grads_lib
+    from jaxleak import vinfo
+
+    calls = []
+    real = grads_lib.sketch_grads
+    monkeypatch.setattr(grads_lib, "sketch_grads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    vinfo._LAST_FEATURES.clear()
+    ds = digits.subset(np.arange(90))
+    task = Task.init("mlp", ds, seed=0)
+    z = ds.latent["thickness"]
+    kw = dict(family=("linear",), sketch_dim=32, steps=10, folds=2, n_boot=20)
+    latent = v_information(task, ds.x[:40], ds.y[:40], z[:40], aux=(ds.x[40:], ds.y[40:], z[40:]), **kw)
+    assert len(calls) == 2  # victims and auxiliary examples
+    original = v_information(task, ds.x[:40], ds.y[:40], "input", aux=(ds.x[40:], ds.y[40:]), **kw)
+    assert len(calls) == 2 and latent.unit == "bits" and original.unit == "bits/dim"
+    other = task.with_params(jax.tree.map(lambda p: p * 1.5, task.params))
+    v_information(other, ds.x[:40], ds.y[:40], "input", aux=(ds.x[40:], ds.y[40:]), **kw)
+    assert len(calls) == 4
 
 
 @pytest.mark.parametrize(
