@@ -926,10 +926,10 @@ CLOSED_FORM = -1
 def _training_rows(data: dict, rows: np.ndarray) -> dict:
     """The (host) data the training segments read, restricted to the rows that train or validate in some fold
     (scoring-only rows, e.g. the victims of the attacker's split, never enter a training step)."""
+    out = dict(data)  # a new dict: the caller may drop keys from it
     if rows.all():
-        return data
+        return out
     index = np.flatnonzero(rows)
-    out = dict(data)
     out["x"] = data["x"][:, index]
     if "xt" in data:
         out["xt"] = data["xt"][:, :, index]

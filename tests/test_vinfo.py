@@ -489,3 +489,25 @@ def test_mlp_features_are_the_folds_principal_components():
     z, used = ensemble._principal_features(x[:, :, :3], mu[:, :, :3], inv_sd[:, :, :3], keep, np.array([3]), r,
                                            shared=False)
     assert used.tolist() == [3] and np.all(z[..., 3:] == 0)
+
+
+def test_decoders_on_projected_features_with_cross_fitting():
+    """Closed-form linear decoders and MLPs on principal components, without auxiliary data (cross-fitting)."""
+    rng = np.random.default_rng(13)
+    n, w = 240, 300  # wider than mlp_features: the MLPs read 256 principal components
+    g = rng.normal(size=(n, w))
+    t = g[:, :3] @ rng.normal(size=(3, 4)) + 0.5 * rng.normal(size=(n, 4))
+    scores = v_information_from_features({"g": g}, t, steps=40, folds=3, n_boot=100, mlp_features=256)
+    assert scores.meta["mlp_features"] == 256 and scores["g"]["detected"]
+    # independent reference: scikit-learn's RidgeCV cross-fitted over the same held-out folds
+    from sklearn.linear_model import RidgeCV
+
+    split = ensemble.cross_fit_split(n, 3, seed=0)
+    se, se0 = 0.0, 0.0
+    for f in range(3):
+        rest, test = ~split.test[f], split.test[f]
+        pred = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(g[rest], t[rest]).predict(g[test])
+        se += np.sum(np.square(pred - t[test]))
+        se0 += np.sum(np.square(t[rest].mean(axis=0) - t[test]))
+    reference = 0.5 * np.log2(se0 / se)
+    assert reference > 0.1 and scores["g"].value >= reference - 0.1, (scores["g"].value, reference)
