@@ -570,6 +570,17 @@ def _init_params(spec: _Spec, members: Sequence[Member], shape_lf: tuple[int, in
     return params
 
 
+def mlp_input_width(mlp_features: int | None, width: int) -> int | None:
+    """The number of principal components MLP members read from features of ``width`` columns, or None when
+    they read every column (``mlp_features`` None or not below the width)."""
+    return int(mlp_features) if mlp_features is not None and mlp_features < width else None
+
+
+def _standardised(x: np.ndarray, mu: np.ndarray, inv_sd: np.ndarray, layer: int, fold: int) -> np.ndarray:
+    """Layer ``layer``'s features (N, W) in float64, standardised with fold ``fold``'s statistics."""
+    return (x[layer].astype(np.float64) - mu[layer, fold]) * inv_sd[layer, fold]
+
+
 def _top_directions(a: np.ndarray, r: int) -> np.ndarray:
     """(W, r) orthonormal top-r principal directions of the rows of a (n, W), via the smaller Gram matrix."""
     n, w = a.shape
@@ -600,7 +611,7 @@ def _principal_features(x: np.ndarray, mu: np.ndarray, inv_sd: np.ndarray, keep:
             if shared and f > 0:
                 z[i, f] = z[i, 0]
                 continue
-            a = (x[i].astype(np.float64) - mu[i, f]) * inv_sd[i, f]
+            a = _standardised(x, mu, inv_sd, i, f)
             v = _top_directions(a[keep[f]], int(used[i]))
             z[i, f, :, : used[i]] = a @ v
     return z, used
@@ -626,7 +637,7 @@ def _ridge(x: np.ndarray, mu: np.ndarray, inv_sd: np.ndarray, t: np.ndarray, tra
     val_loss = np.zeros((num_l, num_f, m), np.float32)
     for i in range(num_l):
         for f in range(num_f):
-            s = (x[i].astype(np.float64) - mu[i, f]) * inv_sd[i, f]
+            s = _standardised(x, mu, inv_sd, i, f)
             tf = t[f].astype(np.float64)
             xs, ts = s[train[f]], tf[train[f]]
             xbar, tbar = xs.mean(axis=0), ts.mean(axis=0)
@@ -857,7 +868,7 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     targets = (_classification_targets(target, stats_keep, num_classes) if kind == CLASSIFICATION
                else _regression_targets(target, stats_keep, target_dim))
     names = [f for f, _, _ in families]
-    projected = "mlp" in names and mlp_features is not None and mlp_features < width
+    projected = "mlp" in names and mlp_input_width(mlp_features, width) is not None
     closed_form = kind == REGRESSION and "linear" in names  # ridge: solved exactly, not trained
     trained = [f for f in families if not (closed_form and f[0] == "linear")]
     reads_x = any(f[0] == "linear" or not projected for f in trained)

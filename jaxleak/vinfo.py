@@ -304,8 +304,8 @@ def _fit(arrays: list[np.ndarray], target, *, n_aux: int, aux_target, family, we
     fit = ensemble.fit_ensemble(x, t, split, members, kind=kind, num_classes=num_classes, widths=widths,
                                 steps=steps, lr=lr, patience=patience, target_dim=target_dim,
                                 mlp_features=mlp_features, progress=progress)
-    projected = mlp_features if mlp_features is not None and mlp_features < x.shape[2] else None
-    return _Fitted(kind, t, target_info, fit, split, members, widths, projected)
+    return _Fitted(kind, t, target_info, fit, split, members, widths,
+                   ensemble.mlp_input_width(mlp_features, x.shape[2]))
 
 
 def _learned_families(family) -> tuple[str, ...]:
@@ -343,7 +343,8 @@ def _scores(names: list[str], fitted: _Fitted, *, seed: int, n_boot: int, sketch
         "victims": int(fit.rows.size),
         "members": [m.describe() for m in fitted.members] + (["inversion"] if white_box is not None else []),
         "folds": int(folds), "val_fraction": None if n_aux else float(val_fraction), "steps": int(steps),
-        "steps_run": int(fit.steps_run), "lr": float(lr), "mlp_features": fitted.mlp_features, "patience": patience, "sketch_dim": int(sketch_dim),
+        "steps_run": int(fit.steps_run), "lr": float(lr), "mlp_features": fitted.mlp_features, "patience": patience,
+        "sketch_dim": int(sketch_dim),
         "seed": int(seed),
         "ci": f"95% percentile bootstrap over the scored examples ({n_boot} resamples)",
         "detected": "the interval's lower end lies above 0",
