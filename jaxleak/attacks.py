@@ -44,6 +44,7 @@ import numpy as np
 import optax
 import scipy.optimize
 
+from jaxleak import compilation
 from jaxleak import metrics
 from jaxleak.errors import InputError, NonFiniteError
 from jaxleak.grads import TRACE_COUNTS, OuterFactors, canonical_convs, local_sgd_update, per_example_grad_fn
@@ -412,7 +413,7 @@ def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: in
             losses = jax.lax.cond(last, end, lambda z: jnp.zeros(trace.shape[1:], trace.dtype), state[0])
             return state, jnp.moveaxis(trace, 0, -1), losses
 
-        return {"init": jax.jit(init), "advance": jax.jit(advance)}
+        return {"init": compilation.jit(init, key=key), "advance": compilation.jit(advance, key=key)}
 
     return task.cached(key, build)
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxleak import compilation
 from jaxleak.errors import InputError
 from jaxleak.grads import TRACE_COUNTS
 
@@ -459,7 +460,7 @@ def _segment(state: _State, data: dict, num_steps, spec: _Spec) -> _State:
 
 _LAYER_KEYS = ("x", "xt", "mu", "inv_sd", "lr", "z", "zt", "z_isd")
 
-_segment_jit = jax.jit(_segment, static_argnames=("spec",), donate_argnums=(0,))
+_segment_jit = compilation.jit(_segment, key="ensemble_segment", static_argnames=("spec",), donate_argnames=("state",))
 
 
 def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):
@@ -517,7 +518,7 @@ def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):
     return jax.lax.map(layer, (best_params, inputs, val))
 
 
-_score_jit = jax.jit(_score, static_argnames=("spec",))
+_score_jit = compilation.jit(_score, key="ensemble_score", static_argnames=("spec",))
 
 
 # ---------------------------------------------------------------- set-up on the host
@@ -927,7 +928,7 @@ def _init_state(params: dict, num_layers: int) -> _State:
                   {f: jnp.zeros(s, jnp.int32) for f, s in shapes.items()}, jnp.zeros(num_layers, jnp.int32))
 
 
-_init_state_jit = jax.jit(_init_state, static_argnums=(1,))
+_init_state_jit = compilation.jit(_init_state, key="ensemble_init", static_argnames=("num_layers",))
 
 
 # best_step of a member solved in closed form (no optimisation steps)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxleak import grads
+from jaxleak import compilation, grads
 from jaxleak.scores import LayerScores, Score
 from jaxleak.task import Task
 
@@ -31,7 +30,7 @@ def per_example_norms(task: Task, x, y, *, chunk_size: int | None = None, layers
             grads.TRACE_COUNTS[key] += 1
             return {k: jnp.linalg.norm(v, axis=1) for k, v in per_example(params, xb, yb).items()}
 
-        return jax.jit(fn)
+        return compilation.jit(fn, key=key)
 
     fn = task.cached(key, build)
     chunk = chunk_size or grads.default_chunk_size(task, sel, x.shape[0])

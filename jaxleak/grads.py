@@ -17,7 +17,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
-from jaxleak import sharding
+from jaxleak import compilation, sharding
 from jaxleak.errors import InputError, NonFiniteError
 from jaxleak.task import Layer, Task
 
@@ -778,7 +778,7 @@ def _compiled_layer_grads(task: Task, layers: Sequence[Layer], method: str = "au
             TRACE_COUNTS[key] += 1
             return _with_row_sums(inner(params, x, y))
 
-        return jax.jit(traced)
+        return compilation.jit(traced, key=key)
 
     return task.cached(key, build)
 
@@ -829,7 +829,7 @@ def make_sketches(layers: Sequence[Layer], dim: int, seed: int) -> dict[str, Cou
             for i, layer in enumerate(layers)}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@compilation.jit(key="sketch_arrays", static_argnames=("sketched", "dim"))
 def _sketch_arrays(sketched: tuple[tuple[int, int], ...], dim: int, root) -> list:
     """(buckets, signs) of the count-sketch of each (layer index, size), from ``fold_in(root, index)``.
 
@@ -863,7 +863,7 @@ def _compiled_sketch_grads(task: Task, layers: Sequence[Layer], dim: int, seed: 
             g = grads(params, x, y)
             return {name: apply_sketch(sketches[name], v) for name, v in g.items()}
 
-        return jax.jit(traced)
+        return compilation.jit(traced, key=key)
 
     return task.cached(key, build)
 
@@ -953,7 +953,7 @@ def _compiled_updates(task: Task, layers: Sequence[Layer], local_steps: int, ske
             u = jax.vmap(one_update, in_axes=(None, None, 0, 0))(params, lr, xb, yb)
             return {name: apply_sketch(sketches.get(name), v) for name, v in u.items()}
 
-        return jax.jit(traced)
+        return compilation.jit(traced, key=key)
 
     return task.cached(key, build)
 

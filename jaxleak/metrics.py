@@ -17,7 +17,6 @@ image, shape ``(...)``.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
+from jaxleak import compilation
 from jaxleak.errors import InputError
 from jaxleak.scores import LayerScores
 
@@ -46,7 +46,7 @@ def _mse(a, b) -> jax.Array:
     return jnp.mean(jnp.square(a - b), axis=(-3, -2, -1))
 
 
-@jax.jit
+@compilation.jit(key="psnr")
 def _psnr(a, b, data_range) -> jax.Array:
     return 10.0 * jnp.log10(data_range ** 2 / _mse(a, b))
 
@@ -91,7 +91,7 @@ def ssim(a, b, data_range: float = 1.0) -> jax.Array:
     return _ssim(a, b, data_range, size, sigma)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
+@compilation.jit(key="ssim", static_argnames=("size", "sigma"))
 def _ssim(a, b, data_range, size: int, sigma: float) -> jax.Array:
     import dm_pix
 

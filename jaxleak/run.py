@@ -21,6 +21,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jaxleak import compilation
 from jaxleak import data as data_lib
 from jaxleak import io
 from jaxleak import measures as measures_lib
@@ -213,6 +214,8 @@ def prepare(config: RunConfig, *, progress: bool = True) -> Prepared:
     if config.model not in models.names():
         raise UnknownNameError(f"unknown model {config.model!r}; choose one of {models.names()}")
     dataset = data_lib.load(config.dataset, **config.data_options)
+    if compilation.active_store() is not None:
+        compilation.extend_store_key("data", compilation.array_digest(dataset.x, dataset.y, dict(dataset.latent)))
     needs_latent = any(measures_lib.get(m).needs_latent for m in config.measures)
     if needs_latent and config.latent not in dataset.latent:
         raise UnknownNameError(
@@ -230,6 +233,8 @@ def prepare(config: RunConfig, *, progress: bool = True) -> Prepared:
     result = train(task, train_set.x, train_set.y, epochs=config.epochs, batch_size=config.batch_size,
                    lr=config.lr, seed=config.seed, progress=progress)
     task = result.task
+    if compilation.active_store() is not None:
+        compilation.extend_store_key("params", compilation.array_digest(task.params))
     n_victims, n_aux, compromise = split_victims_aux(eval_set.n, config.n, config.aux_n)
     measured = eval_set.subset(slice(0, n_victims))
     attacker = eval_set.subset(slice(n_victims, n_victims + n_aux))
@@ -335,11 +340,16 @@ def run(config: RunConfig, *, out: str | None = None, resume: bool = False, prog
     elif os.path.exists(out) and os.listdir(out):
         raise InputError(f"output directory {out!r} exists and is not empty; choose another --out "
                          f"or continue it with --resume")
-    from jaxleak.compilation import count_compilations
+    import contextlib
+
+    from jaxleak.compilation import count_compilations, program_store
     from jaxleak.sharding import make_mesh, use_mesh
 
     mesh = make_mesh(config.devices) if config.devices != 1 else None
-    with use_mesh(mesh), count_compilations() as compiles:
+    # With the compile cache on, the run's programs are also kept traced (jaxleak.compilation.program_store),
+    # keyed by the options and, once known, by digests of the data and of the trained parameters.
+    store = program_store("jaxleak.run", config.to_dict()) if mesh is None else contextlib.nullcontext()
+    with use_mesh(mesh), count_compilations() as compiles, store:
         return _run(config, out, resume, progress, on_measure, started, compiles)
 
 
@@ -375,6 +385,9 @@ def _run(config: RunConfig, out: str, resume: bool, progress: bool, on_measure, 
                     on_measure(key, scores)
             _set_nested(measures, key, {k: v for k, v in entry.items() if k != "seconds"})
         timing.update(compiles.timing())
+        store = compilation.active_store()
+        timing["programs_loaded"] = store.loaded if store is not None else 0
+        timing["programs_stored"] = store.written if store is not None else 0
         timing["total_s"] = time.time() - started
         timing["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
         results = {

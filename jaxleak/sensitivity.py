@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxleak import compilation
 from jaxleak import grads as _grads
 from jaxleak.errors import InputError
 from jaxleak.scores import LayerScores, Score
@@ -218,7 +219,7 @@ def _compiled(task: Task, method: str, layers: Sequence[Layer], probes: int) -> 
             _grads.TRACE_COUNTS[key] += 1
             return inner(params, k, x, y, index)
 
-        return jax.jit(traced)
+        return compilation.jit(traced, key=key)
 
     return task.cached(key, build)
 

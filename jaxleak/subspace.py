@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from jaxleak import compilation
 from jaxleak import grads as _grads
 from jaxleak.errors import InputError
 from jaxleak.scores import LayerScores, Score
@@ -405,7 +406,7 @@ def _features_fn(task: Task, items: Sequence[tuple[_Plan, int, int]]) -> Callabl
                     out[f"g/{name}/{lo}"] = jnp.einsum("bta,btd->bad", a, d).reshape(x.shape[0], -1)
             return out
 
-        return jax.jit(traced)
+        return compilation.jit(traced, key=key)
 
     return task.cached(key, build)
 
@@ -426,7 +427,7 @@ def _factored_gram_fn(task: Task) -> Callable:
                 out[str(i)] = jnp.sum(pa * pd, axis=(2, 3))
             return out
 
-        return jax.jit(traced)
+        return compilation.jit(traced, key=("factored_gram",))
 
     return task.cached(("factored_gram",), build)
 

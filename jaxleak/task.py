@@ -362,9 +362,18 @@ def _compiled_init(module) -> Callable:
     3 s to compile); its values equal the eager ones up to float rounding
     (at most one unit in the last place).
     """
-    if jax.default_backend() == "cpu":
-        return jax.jit(module.init, compiler_options={"xla_backend_optimization_level": 0})
-    return jax.jit(module.init)
+    from jaxleak import compilation
+
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    if " at 0x" in repr(module):  # the module's repr does not show all it holds: never stored
+        return jax.jit(module.init, compiler_options=options)
+
+    def init(rngs, x):
+        return module.init(rngs, x)
+
+    kind = type(module)
+    return compilation.jit(init, key=("init", kind.__module__, kind.__qualname__, repr(module)),
+                           compiler_options=options)
 
 
 def _accepts_train(module) -> bool:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxleak import compilation
 from jaxleak.errors import InputError
 from jaxleak.task import Task
 
@@ -20,7 +21,9 @@ class TrainResult(NamedTuple):
     losses: list[float]
 
 
-def _step_fn(task: Task, optimizer: optax.GradientTransformation, use_dropout: bool, defense=None) -> Callable:
+def _step_fn(task: Task, optimizer: optax.GradientTransformation, use_dropout: bool, defense=None, *,
+             lr: float) -> Callable:
+    """The jitted training step; ``lr`` is the learning rate ``optimizer`` was made with (the program's key)."""
     key = ("train_step", id(optimizer), use_dropout, defense)
 
     def build():
@@ -41,7 +44,7 @@ def _step_fn(task: Task, optimizer: optax.GradientTransformation, use_dropout: b
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, value
 
-        return jax.jit(step)
+        return compilation.jit(step, key=("train_step", lr, use_dropout, defense))
 
     return task.cached(key, build)
 
@@ -77,10 +80,11 @@ def train(task: Task, x, y, *, epochs: int, batch_size: int = 64, lr: float = 1e
     batch_size = int(min(batch_size, x.shape[0]))
     optimizer = _adam(float(lr))
     use_dropout = bool(dropout and task.train_apply_fn is not None)
-    step = _step_fn(task, optimizer, use_dropout, defense)
+    step = _step_fn(task, optimizer, use_dropout, defense, lr=float(lr))
     params = task.params
     # One program for the whole state (eagerly, each leaf shape compiles its own zeros).
-    opt_state = task.cached(("optimizer_init", id(optimizer)), lambda: jax.jit(optimizer.init))(params)
+    opt_state = task.cached(("optimizer_init", id(optimizer)),
+                            lambda: compilation.jit(optimizer.init, key=("adam_init", float(lr))))(params)
     key = jax.random.key(seed)
     losses = []
     epoch_iter = range(epochs)
@@ -109,7 +113,10 @@ def accuracy(task: Task, x, y, *, batch_size: int = 512) -> float:
     from jaxleak.grads import map_chunks
 
     x, y = task.check_inputs(x, y)
-    predict = task.cached("predict", lambda: jax.jit(lambda p, xb: {"label": jnp.argmax(task.apply_fn(p, xb), -1)}))
+    def predict_fn(p, xb):
+        return {"label": jnp.argmax(task.apply_fn(p, xb), -1)}
+
+    predict = task.cached("predict", lambda: compilation.jit(predict_fn, key="predict"))
     batches = -(-x.shape[0] // batch_size)
     labels = map_chunks(predict, [x], -(-x.shape[0] // batches), extra=(task.params,))["label"]
     return int(np.sum(labels == y)) / x.shape[0]

@@ -230,15 +230,23 @@ def test_persistent_compile_cache_by_default(tmp_path):
     env.update(JAX_PLATFORMS="cpu", XDG_CACHE_HOME=str(tmp_path / "xdg"))
     cmd = [sys.executable, "-m", "jaxleak", "run", "--model", "mlp", "--epochs", "0", "--n", "8",
            "--measures", "grad_norm", "--no-progress"]
-    timings = []
+    timings, measures = [], []
     for name in ("a", "b"):
         proc = subprocess.run(cmd + ["--out", str(tmp_path / name)], capture_output=True, text=True, env=env,
                               timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        timings.append(json.loads((tmp_path / name / "results.json").read_text())["timing"])
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        timings.append(results["timing"])
+        measures.append(results["measures"])
     cache = tmp_path / "xdg" / "jaxleak" / "xla"
     assert cache.is_dir() and any(cache.iterdir()), "compiled programs were not written to the cache"
     first, second = timings
     assert first["compilations"] > 0 and first["compile_cache_hits"] == 0
     assert second["compilations"] == first["compilations"]
     assert second["compile_cache_hits"] == second["compilations"]
+    # the traced programs are stored next to the cache and read back instead of traced again
+    stored = tmp_path / "xdg" / "jaxleak" / "xla-programs"
+    assert first["programs_stored"] > 0 and first["programs_loaded"] == 0
+    assert len(list(stored.glob("*.jaxexport"))) == first["programs_stored"]
+    assert second["programs_loaded"] == first["programs_stored"] and second["programs_stored"] == 0
+    assert measures[0] == measures[1]
