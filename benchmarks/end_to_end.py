@@ -8,8 +8,9 @@ enabled as the CLI enables it, in a fresh process; ``--repeat N`` runs N such
 processes one after another over one cache folder (by default a new
 temporary folder, so the first run starts cold and the later ones find the
 first one's programs). The time of each stage is split into compilation
-(XLA backend compile, or the cache read on a hit, + tracing + lowering,
-from JAX's own monitoring events) and the rest (compute and host work).
+(XLA backend compile, or the cache read on a hit, + tracing + lowering, or
+reading a stored traced program instead; from JAX's and jaxleak's monitoring
+events) and the rest (compute and host work).
 
 With ``--preset paper`` (MNIST-sized, issue 13: ``--dataset mnist5k --preset paper``) the goal is 20 minutes
 and a peak resident memory under 4 GiB; every run records the process's peak RSS at the end of each stage.
@@ -34,8 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import machine_info  # noqa: E402
 
 BACKEND_EVENT = "/jax/core/compile/backend_compile_duration"
+STORE_EVENT = "/jaxleak/program_store/load_duration"  # reading a stored (already traced) program
 COMPILE_EVENTS = (
     BACKEND_EVENT,
+    STORE_EVENT,
     "/jax/core/compile/jaxpr_trace_duration",
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
 )
@@ -99,6 +102,7 @@ def one_run(args) -> dict:
         stages.append({"stage": name, "seconds": hi - lo, "compile_s": compile_s, "compute_s": hi - lo - compile_s,
                        "peak_rss_gib_at_end": peaks.get(name)})
     backend_s = sum(d for _, e, d in compile_log if e == BACKEND_EVENT)
+    load_s = sum(d for _, e, d in compile_log if e == STORE_EVENT)
     return {
         "command": "jaxleak run " + " ".join(f"--{k} {v}" for k, v in options.items()),
         "compile_cache": cache,
@@ -107,7 +111,10 @@ def one_run(args) -> dict:
         "total_s": total,
         "compile_s": sum(d for _, _, d in compile_log),
         "backend_compile_s": backend_s,
-        "trace_and_lower_s": sum(d for _, _, d in compile_log) - backend_s,
+        "trace_and_lower_s": sum(d for _, _, d in compile_log) - backend_s - load_s,
+        "program_load_s": load_s,
+        "programs_stored": results["timing"]["programs_stored"],
+        "programs_loaded": results["timing"]["programs_loaded"],
         "compilations": results["timing"]["compilations"],
         "compile_cache_hits": results["timing"]["compile_cache_hits"],
         "stages": stages,
