@@ -386,6 +386,10 @@ class Program:
         self._calls: dict = {}
         functools.update_wrapper(self, fun, updated=())
 
+    def lower(self, *args, **kwargs):
+        """``jax.jit(fun).lower``: the program traced and lowered in this process (never the stored one)."""
+        return self._jit.lower(*args, **kwargs)
+
     def __call__(self, *args, **kwargs):
         store = _ACTIVE.get()
         if store is None:
@@ -452,7 +456,12 @@ class Program:
             except OSError as err:
                 _warn_once(f"the program store {store.folder!r} cannot be written", err)
         donate = tuple(i for i, name in enumerate(names) if name in self._donate)
-        return jax.jit(exported.call, donate_argnums=donate, compiler_options=self._options)
+
+        def program(*values):
+            return exported.call(*values)
+
+        program.__name__ = program.__qualname__ = exported.fun_name  # named as the traced function in JAX's logs
+        return jax.jit(program, donate_argnums=donate, compiler_options=self._options)
 
 
 def _call_by_name(jitted: Callable, signature, names: tuple, statics: dict) -> Callable:
