@@ -177,6 +177,8 @@ _STORE_EVENT = "/jaxleak/program_store/load_duration"
 _STORE_SUFFIX = ".jaxexport"
 # at most this many stored programs are kept; the least recently written go first
 _STORE_MAX_FILES = 2000
+# programs that hold more than this in arrays (constants) are not stored
+_STORE_MAX_HELD_BYTES = 16 * 2 ** 20
 _PROGRAMS_DIR: str | None = None
 _WARNED: set = set()
 
@@ -438,8 +440,14 @@ class Program:
                 return fun(*call.args, **call.kwargs)
 
             bound_fun.__name__ = getattr(fun, "__name__", "program")
+            jitted = jax.jit(bound_fun)
             try:
-                exported = jax.export.export(jax.jit(bound_fun))(*dynamic)
+                # Arrays the program holds (e.g. a large layer's count-sketch) would be written into the stored
+                # program; above 16 MiB the program is not stored but traced by jit in every run.
+                held = sum(int(getattr(c, "nbytes", 0)) for c in jitted.trace(*dynamic).jaxpr.consts)
+                if held > _STORE_MAX_HELD_BYTES:
+                    return _call_by_name(self._jit, self._signature, names, statics)
+                exported = jax.export.export(jitted)(*dynamic)
                 types: dict = {}
                 _namedtuple_types(dynamic, types)
                 _namedtuple_types(exported.out_tree.unflatten([0] * exported.out_tree.num_leaves), types)

@@ -178,3 +178,19 @@ def test_a_static_argument_without_a_faithful_repr_is_not_stored(tmp_path):
     np.testing.assert_array_equal(a, 2.0)
     np.testing.assert_array_equal(b, 3.0)
     assert _files(tmp_path) == []
+
+
+def test_a_program_holding_large_arrays_is_not_stored(tmp_path, monkeypatch):
+    monkeypatch.setattr(compilation, "_STORE_MAX_HELD_BYTES", 1000)
+    small, large = np.ones(8, np.float32), np.ones(1000, np.float32)
+
+    def holding(constant):
+        def f(x):
+            return jnp.sum(x * constant)
+        return f
+
+    with compilation.program_store("k", folder=tmp_path) as store:
+        assert float(_program(holding(large), key="large")(np.ones(1000, np.float32))) == 1000.0
+        assert store.written == 0
+        assert float(_program(holding(small), key="small")(np.ones(8, np.float32))) == 8.0
+        assert store.written == 1
