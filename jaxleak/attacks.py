@@ -413,7 +413,8 @@ def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: in
             losses = jax.lax.cond(last, end, lambda z: jnp.zeros(trace.shape[1:], trace.dtype), state[0])
             return state, jnp.moveaxis(trace, 0, -1), losses
 
-        return {"init": compilation.jit(init, key=key), "advance": compilation.jit(advance, key=key)}
+        return {"init": compilation.jit(init, key=task.program_key(key)),
+                "advance": compilation.jit(advance, key=task.program_key(key))}
 
     return task.cached(key, build)
 

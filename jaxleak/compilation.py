@@ -167,18 +167,24 @@ def count_compilations() -> Iterator[Compilations]:
 # Python and lowers it to StableHLO before the cache is consulted (about 4 s of a default run on the 2-core CPU).
 # Inside a :func:`program_store` block, the programs made by :func:`jit` are kept on disk as serialized
 # ``jax.export`` artefacts (StableHLO, no pickles), keyed by everything that decides them: the store's key (the
-# jaxleak sources, the versions of jax, jaxlib, flax, optax and numpy, the backend and its devices, JAX's
-# configuration, and what the caller adds: for ``jaxleak run``, its options and a digest of its data and
+# jaxleak sources, the versions of the libraries that programs are traced with, the backend and its devices,
+# JAX's configuration, and what the caller adds: for ``jaxleak run``, its options and a digest of its data and
 # parameters), the program's own key, its static arguments and the shapes, dtypes and tree structure of its
 # arguments. A later process with the same key loads the program instead of tracing it; the XLA compilation
-# that follows is then a hit in the persistent cache. Outside such a block, :func:`jit` is ``jax.jit``.
+# that follows is then a hit in the persistent cache. Outside such a block, :func:`jit` is ``jax.jit``; a
+# program whose key is None (e.g. one built for a task made from a user's own model) is never stored.
 
 _STORE_EVENT = "/jaxleak/program_store/load_duration"
 _STORE_SUFFIX = ".jaxexport"
-# at most this many stored programs are kept; the least recently written go first
+# stored programs kept at most (files and bytes); the least recently used go first
 _STORE_MAX_FILES = 2000
-# programs that hold more than this in arrays (constants) are not stored
+_STORE_MAX_BYTES = 2 ** 30
+# a program holding more than this in arrays (constants, e.g. a large layer's count-sketch) is not stored
 _STORE_MAX_HELD_BYTES = 16 * 2 ** 20
+_STORE_MAX_FILE_BYTES = 64 * 2 ** 20
+# the libraries whose code is traced into jaxleak's programs
+_TRACED_LIBRARIES = ("jax", "jaxlib", "flax", "optax", "numpy", "chex", "dm-pix", "jax-cuda12-plugin",
+                     "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt", "libtpu")
 _PROGRAMS_DIR: str | None = None
 _WARNED: set = set()
 
@@ -230,7 +236,7 @@ def array_digest(*trees) -> bytes:
 
 
 def _source_digest() -> bytes:
-    """A digest of jaxleak's own Python sources (the programs are written there)."""
+    """A digest of jaxleak's own Python sources as they are on disk now (the programs are written there)."""
     import hashlib
 
     root = os.path.dirname(os.path.abspath(__file__))
@@ -242,13 +248,18 @@ def _source_digest() -> bytes:
     return h.digest()
 
 
+# The sources this process runs: if the files change under a running process, its programs (traced from the
+# old code) must not be stored under the new code's key.
+_SOURCES_AT_IMPORT = _source_digest()
+
+
 def _environment_key() -> tuple:
     """What decides a traced program besides jaxleak's sources and the caller's key."""
     import importlib.metadata
     import platform
 
     versions = []
-    for dist in ("jax", "jaxlib", "flax", "optax", "numpy"):
+    for dist in _TRACED_LIBRARIES:
         try:
             versions.append((dist, importlib.metadata.version(dist)))
         except importlib.metadata.PackageNotFoundError:
@@ -256,8 +267,8 @@ def _environment_key() -> tuple:
     skip = ("cache", "log", "explain")  # where to keep and what to print, not what to compute
     config = sorted((k, repr(v)) for k, v in jax.config.values.items() if not any(s in k for s in skip))
     devices = [(d.platform, d.device_kind) for d in jax.devices()]
-    return (_source_digest(), tuple(versions), platform.python_version(), platform.machine(), jax.default_backend(),
-            tuple(devices), tuple(config))
+    return (_SOURCES_AT_IMPORT, tuple(versions), platform.python_version(), platform.machine(),
+            jax.default_backend(), tuple(devices), tuple(config))
 
 
 _ACTIVE = contextvars.ContextVar("jaxleak_program_store", default=None)
@@ -271,21 +282,29 @@ def program_store(*key, folder: str | os.PathLike | None = None) -> Iterator[_St
     are added here), that the block's programs depend on and their
     arguments do not carry: options, and a digest (:func:`array_digest`) of
     any data or parameters that a program may hold as constants. Extend it
-    with :func:`extend_store_key` when more becomes known. ``folder``:
-    default :func:`programs_dir` (the folder that goes with the compile
-    cache); with neither, the block runs without a store and yields None.
-    A folder that cannot be written is a :class:`CompileCacheWarning`.
+    with :func:`extend_store_key` when more becomes known. Programs that
+    jaxleak builds for a task carry the task's identity themselves when the
+    task came from :meth:`jaxleak.Task.init` (a zoo model) and are never
+    stored otherwise. ``folder``: default :func:`programs_dir` (the folder
+    that goes with the compile cache); with neither, or with
+    ``JAXLEAK_PROGRAM_STORE=off``, the block runs without a store and yields
+    None. A folder that cannot be written, or jaxleak's sources changed on
+    disk since this process imported them, is a :class:`CompileCacheWarning`
+    and no store.
     """
     folder = os.fspath(folder) if folder is not None else _PROGRAMS_DIR
     if folder is None or os.environ.get(STORE_ENV, "").strip().lower() in _OFF:
         yield None
         return
     problem = _writable(folder)
+    if problem is None and _source_digest() != _SOURCES_AT_IMPORT:
+        problem = "jaxleak's source files changed since this process imported them; start a new process"
     if problem is not None:
-        warnings.warn(f"the program store {folder!r} cannot be written ({problem}); tracing every program",
+        warnings.warn(f"the program store {folder!r} is not used ({problem}); tracing every program",
                       CompileCacheWarning, stacklevel=3)
         yield None
         return
+    _remove_stale_temporaries(folder)
     store = _Store(folder, _digest(_environment_key(), key))
     token = _ACTIVE.set(store)
     try:
@@ -322,8 +341,11 @@ def _register_namedtuples(types: dict) -> None:
     from jax._src.export import _export
 
     for name, cls in types.items():
-        if name not in _export.deserialization_registry and cls not in _export.serialization_registry:
+        known = _export.deserialization_registry.get(name)
+        if known is None and cls not in _export.serialization_registry:
             jax.export.register_namedtuple_serialization(cls, serialized_name=name)
+        elif known is not None and known[0] is not cls:
+            raise ValueError(f"{name} is registered for another class")
 
 
 def _resolve_namedtuples(names) -> dict | None:
@@ -347,15 +369,41 @@ def _leaf_signature(leaf):
     """(shape, dtype, weak type) of an argument leaf; None where the store should not be used."""
     import numpy as np
 
+    if isinstance(leaf, jax.core.Tracer):
+        return None  # called inside another transformation: that one is what gets traced
     if isinstance(leaf, jax.Array):
         if len(leaf.sharding.device_set) != 1:
             return None  # sharded over a mesh: traced as usual
         return (leaf.shape, str(leaf.dtype), bool(getattr(leaf, "weak_type", False)))
-    if isinstance(leaf, np.ndarray) or isinstance(leaf, np.generic):
+    if isinstance(leaf, (np.ndarray, np.generic)):
         return (leaf.shape, str(leaf.dtype), False)
     if isinstance(leaf, (bool, int, float)):
         return ((), type(leaf).__name__, True)
     return None
+
+
+def _held_bytes(value, depth: int = 0, seen: set | None = None) -> int:
+    """Bytes of the arrays a function's closure holds (through nested closures, dicts, lists and tuples)."""
+    import numpy as np
+
+    seen = set() if seen is None else seen
+    if id(value) in seen or depth > 6:
+        return 0
+    seen.add(id(value))
+    if isinstance(value, (jax.Array, np.ndarray)) and not isinstance(value, jax.core.Tracer):
+        return int(value.nbytes)
+    if isinstance(value, dict):
+        return sum(_held_bytes(v, depth + 1, seen) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_held_bytes(v, depth + 1, seen) for v in value)
+    cells = getattr(value, "__closure__", None) or ()
+    total = 0
+    for cell in cells:
+        try:
+            total += _held_bytes(cell.cell_contents, depth + 1, seen)
+        except ValueError:  # an empty cell
+            pass
+    return total
 
 
 def _warn_once(what: str, err: BaseException) -> None:
@@ -365,19 +413,44 @@ def _warn_once(what: str, err: BaseException) -> None:
                       stacklevel=4)
 
 
+def _matches(exported, dynamic: tuple) -> bool:
+    """Whether a loaded program takes exactly these arguments (tree, shapes, dtypes) on this backend."""
+    leaves, treedef = jax.tree.flatten((dynamic, {}))
+    if treedef != exported.in_tree or len(leaves) != len(exported.in_avals):
+        return False
+    if jax.default_backend() not in exported.platforms:
+        return False
+    return all(tuple(a.shape) == tuple(getattr(x, "shape", ())) and a.dtype == _canonical_dtype(x)
+               for a, x in zip(exported.in_avals, leaves))
+
+
+def _canonical_dtype(x):
+    """The dtype ``x`` has as a jitted function's argument (float64 -> float32 without x64; key types kept)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return jax.numpy.result_type(x)
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+        return dtype
+    return jax.dtypes.canonicalize_dtype(dtype)
+
+
 class Program:
     """A jitted function that, inside a :func:`program_store` block, is traced once and reused from disk.
 
     ``key`` names the program and everything its closure holds that the
     store's key does not (for a program built per task: the builder's cache
-    key). Static arguments (``static_argnames``) enter the key by ``repr``;
-    a static argument whose ``repr`` shows an object address keeps the
-    program out of the store. Outside a store, calls go to ``jax.jit``.
+    key with the task's identity, :meth:`jaxleak.Task.program_key`); None
+    keeps it out of every store. Static arguments (``static_argnames``)
+    enter the key by ``repr``; a static argument whose ``repr`` shows an
+    object address keeps the call out of the store. Arguments not passed
+    keep their defaults as Python constants, as with ``jax.jit``. Outside a
+    store, calls go to ``jax.jit``.
     """
 
     def __init__(self, fun: Callable, *, key, static_argnames: tuple[str, ...] = (),
                  donate_argnames: tuple[str, ...] = (), compiler_options: dict | None = None):
         self._fun = fun
+        self._storable = key is not None
         self._key = (getattr(fun, "__module__", None), getattr(fun, "__qualname__", None), key)
         self._static = tuple(static_argnames)
         self._donate = tuple(donate_argnames)
@@ -394,11 +467,10 @@ class Program:
 
     def __call__(self, *args, **kwargs):
         store = _ACTIVE.get()
-        if store is None:
+        if store is None or not self._storable:
             return self._jit(*args, **kwargs)
         bound = self._signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        statics = {name: bound.arguments[name] for name in self._static}
+        statics = {name: bound.arguments[name] for name in self._static if name in bound.arguments}
         names = tuple(name for name in bound.arguments if name not in statics)
         dynamic = tuple(bound.arguments[name] for name in names)
         leaves, treedef = jax.tree.flatten(dynamic)
@@ -412,27 +484,42 @@ class Program:
             call = self._calls[ident] = self._stored_call(store, ident, statics, names, dynamic)
         return call(*dynamic)
 
-    def _stored_call(self, store: _Store, ident: bytes, statics: dict, names: tuple, dynamic: tuple) -> Callable:
+    def _load(self, store: _Store, path: str, dynamic: tuple):
+        """The stored program at ``path`` if it is whole and takes these arguments, else None."""
         import json
         import time
 
-        path = os.path.join(store.folder, ident.hex() + _STORE_SUFFIX)
+        if not os.path.isfile(path):
+            return None
+        start = time.perf_counter()
         exported = None
-        if os.path.isfile(path):
-            start = time.perf_counter()
-            try:
-                with open(path, "rb") as f:
-                    blob = f.read()
-                size = int.from_bytes(blob[:4], "little")
-                types = _resolve_namedtuples(json.loads(blob[4:4 + size]))
-                if types is not None:
-                    _register_namedtuples(types)
-                    exported = jax.export.deserialize(bytearray(blob[4 + size:]))
-                    store.loaded += 1
-            except Exception:  # a damaged or foreign file: traced again and rewritten
-                exported = None
-            jax.monitoring.record_event_duration_secs(_STORE_EVENT, time.perf_counter() - start)
+        try:
+            with open(path, "rb") as f:
+                blob = f.read()
+            size = int.from_bytes(blob[:4], "little")
+            types = _resolve_namedtuples(json.loads(blob[4:4 + size]))
+            if types is not None:
+                _register_namedtuples(types)
+                exported = jax.export.deserialize(bytearray(blob[4 + size:]))
+                if not _matches(exported, dynamic):
+                    exported = None
+        except Exception:  # a damaged or foreign file: traced again and rewritten
+            exported = None
+        if exported is not None:
+            store.loaded += 1
+            with contextlib.suppress(OSError):
+                os.utime(path)  # used now: pruned last
+        jax.monitoring.record_event_duration_secs(_STORE_EVENT, time.perf_counter() - start)
+        return exported
+
+    def _stored_call(self, store: _Store, ident: bytes, statics: dict, names: tuple, dynamic: tuple) -> Callable:
+        import json
+
+        path = os.path.join(store.folder, ident.hex() + _STORE_SUFFIX)
+        exported = self._load(store, path, dynamic)
         if exported is None:
+            if _held_bytes(self._fun) > _STORE_MAX_HELD_BYTES:
+                return _call_by_name(self._jit, self._signature, names, statics)
             fun, signature, fixed = self._fun, self._signature, dict(statics)
 
             def bound_fun(*values):
@@ -440,25 +527,25 @@ class Program:
                 return fun(*call.args, **call.kwargs)
 
             bound_fun.__name__ = getattr(fun, "__name__", "program")
-            jitted = jax.jit(bound_fun)
             try:
-                # Arrays the program holds (e.g. a large layer's count-sketch) would be written into the stored
-                # program; above 16 MiB the program is not stored but traced by jit in every run.
-                held = sum(int(getattr(c, "nbytes", 0)) for c in jitted.trace(*dynamic).jaxpr.consts)
-                if held > _STORE_MAX_HELD_BYTES:
-                    return _call_by_name(self._jit, self._signature, names, statics)
-                exported = jax.export.export(jitted)(*dynamic)
+                exported = jax.export.export(jax.jit(bound_fun))(*dynamic)
                 types: dict = {}
                 _namedtuple_types(dynamic, types)
                 _namedtuple_types(exported.out_tree.unflatten([0] * exported.out_tree.num_leaves), types)
                 _register_namedtuples(types)
                 blob = exported.serialize()
-            except Exception as err:  # not exportable (e.g. a custom pytree node): plain jit, every run
+            except Exception as err:
+                # an error of the function itself (bad shapes, invalid input) is raised as jax.jit raises it;
+                # a program that traces but cannot be exported (e.g. a custom pytree node) runs under plain jit
+                jax.jit(bound_fun).trace(*dynamic)
                 _warn_once(f"jaxleak could not store the program {self._key[1]}", err)
                 return _call_by_name(self._jit, self._signature, names, statics)
             header = json.dumps(sorted(types)).encode()
+            data = len(header).to_bytes(4, "little") + header + bytes(blob)
+            if len(data) > _STORE_MAX_FILE_BYTES:  # large constants after all: not worth a file
+                return _call_by_name(self._jit, self._signature, names, statics)
             try:
-                _write_atomic(path, len(header).to_bytes(4, "little") + header + bytes(blob))
+                _write_atomic(path, data)
                 store.written += 1
                 _prune(store.folder)
             except OSError as err:
@@ -492,22 +579,44 @@ def _write_atomic(path: str, data: bytes) -> None:
         raise
 
 
+def _remove_stale_temporaries(folder: str, age_s: float = 3600.0) -> None:
+    """Remove half-written files that a killed process left (older than an hour)."""
+    import time
+
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if name.endswith(".tmp"):
+                path = os.path.join(folder, name)
+                with contextlib.suppress(OSError):
+                    if time.time() - os.stat(path).st_mtime > age_s:
+                        os.unlink(path)
+
+
 def _prune(folder: str) -> None:
-    """Keep the newest :data:`_STORE_MAX_FILES` stored programs."""
-    names = [n for n in os.listdir(folder) if n.endswith(_STORE_SUFFIX)]
-    if len(names) <= _STORE_MAX_FILES:
-        return
-    paths = sorted((os.path.join(folder, n) for n in names), key=lambda p: os.stat(p).st_mtime)
-    for path in paths[:len(paths) - _STORE_MAX_FILES]:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    """Keep at most :data:`_STORE_MAX_FILES` stored programs and :data:`_STORE_MAX_BYTES`, newest used first."""
+    entries = []
+    for name in os.listdir(folder):
+        if name.endswith(_STORE_SUFFIX):
+            path = os.path.join(folder, name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:  # pruned by another process meanwhile
+                continue
+            entries.append((st.st_mtime, st.st_size, path))
+    entries.sort(reverse=True)
+    kept_bytes = 0
+    for i, (_, size, path) in enumerate(entries):
+        kept_bytes += size
+        if i >= _STORE_MAX_FILES or kept_bytes > _STORE_MAX_BYTES:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def jit(fun: Callable | None = None, *, key=(), static_argnames: tuple[str, ...] = (),
         donate_argnames: tuple[str, ...] = (), compiler_options: dict | None = None):
     """``jax.jit`` whose programs a :func:`program_store` block keeps on disk (see :class:`Program`).
 
-    Usable as a decorator (``@jit(key=...)``) or a call (``jit(fun, key=...)``).
+    Usable as a decorator (``@jit(key=...)``) or a call (``jit(fun, key=...)``); ``key=None``: never stored.
     """
     if fun is None:
         return lambda f: Program(f, key=key, static_argnames=static_argnames, donate_argnames=donate_argnames,

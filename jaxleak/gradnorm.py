@@ -30,7 +30,7 @@ def per_example_norms(task: Task, x, y, *, chunk_size: int | None = None, layers
             grads.TRACE_COUNTS[key] += 1
             return {k: jnp.linalg.norm(v, axis=1) for k, v in per_example(params, xb, yb).items()}
 
-        return compilation.jit(fn, key=key)
+        return compilation.jit(fn, key=task.program_key(key))
 
     fn = task.cached(key, build)
     chunk = chunk_size or grads.default_chunk_size(task, sel, x.shape[0])

@@ -21,6 +21,8 @@ import optax
 from jaxleak.errors import InputError, UnknownNameError
 
 PyTree = Any
+# where a task family made by Task.init keeps its identity for stored programs (jaxleak.compilation)
+_PROGRAM_IDENTITY = "program identity"
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -247,8 +249,15 @@ class Task:
         except TypeError:  # a module with unhashable options: initialised op by op
             init = module.init
         variables = init(jax.random.key(seed), x0)
-        return cls.from_linen(module, variables, input_shape=dataset.input_shape, loss_fn=loss_fn,
+        task = cls.from_linen(module, variables, input_shape=dataset.input_shape, loss_fn=loss_fn,
                               name=model_name, granularity=granularity)
+        if loss_fn is None and " at 0x" not in repr(module):
+            kind = type(module)
+            # everything the task's functions hold: the module (its class and options), the input shape, the
+            # non-parameter variables made by init (from the seed), the layer split and the default loss
+            task._cache[_PROGRAM_IDENTITY] = ("zoo", model_name, kind.__module__, kind.__qualname__, repr(module),
+                                              task.input_shape, int(seed), granularity)
+        return task
 
     def with_params(self, params: PyTree) -> "Task":
         """The same model with other parameter values (same structure); shares compiled code."""
@@ -314,6 +323,18 @@ class Task:
             layer.name: jnp.concatenate([flat(leaves[i]) for i in layer.leaves], axis=-1)
             for layer in (self.layers if layers is None else layers)
         }
+
+    def program_key(self, key):
+        """``key`` with this task family's identity, for a program that a program store may keep; None if it may not.
+
+        Only tasks made by :meth:`init` (a zoo model, its options, input
+        shape, seed and the default loss) have an identity that a later
+        process can recognise; programs of any other task (a user's own
+        model, a custom loss) are traced in every process
+        (:mod:`jaxleak.compilation`).
+        """
+        identity = self._cache.get(_PROGRAM_IDENTITY)
+        return None if identity is None else (identity, key)
 
     def cached(self, key, build: Callable[[], Callable]) -> Callable:
         """A compiled function built once per task family and key."""

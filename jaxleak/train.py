@@ -44,7 +44,7 @@ def _step_fn(task: Task, optimizer: optax.GradientTransformation, use_dropout: b
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, value
 
-        return compilation.jit(step, key=("train_step", lr, use_dropout, defense))
+        return compilation.jit(step, key=task.program_key(("train_step", lr, use_dropout, defense)))
 
     return task.cached(key, build)
 
@@ -116,7 +116,7 @@ def accuracy(task: Task, x, y, *, batch_size: int = 512) -> float:
     def predict_fn(p, xb):
         return {"label": jnp.argmax(task.apply_fn(p, xb), -1)}
 
-    predict = task.cached("predict", lambda: compilation.jit(predict_fn, key="predict"))
+    predict = task.cached("predict", lambda: compilation.jit(predict_fn, key=task.program_key("predict")))
     batches = -(-x.shape[0] // batch_size)
     labels = map_chunks(predict, [x], -(-x.shape[0] // batches), extra=(task.params,))["label"]
     return int(np.sum(labels == y)) / x.shape[0]

@@ -8,6 +8,7 @@ Every stored result is compared with plain ``jax.jit`` of the same function.
 import collections
 import dataclasses
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -194,3 +195,73 @@ def test_a_program_holding_large_arrays_is_not_stored(tmp_path, monkeypatch):
         assert store.written == 0
         assert float(_program(holding(small), key="small")(np.ones(8, np.float32))) == 8.0
         assert store.written == 1
+
+
+def test_task_programs_carry_the_models_identity(tmp_path, digits):
+    """Two zoo models that differ only in an option never share a stored program; a user's model is never stored."""
+    from jaxleak import Task
+    from jaxleak.gradnorm import per_example_norms
+
+    x, y = digits.x[:8], digits.y[:8]
+    plain = {}
+    for activation in ("relu", "tanh"):
+        task = Task.init("mlp", digits, 0, activation=activation)
+        plain[activation] = per_example_norms(task, x, y)
+    for activation in ("relu", "tanh"):
+        with compilation.program_store("same key", folder=tmp_path) as store:
+            got = per_example_norms(Task.init("mlp", digits, 0, activation=activation), x, y)
+        assert store.loaded == 0 and store.written >= 1, activation
+        for name in got:
+            np.testing.assert_array_equal(got[name], plain[activation][name])
+    assert not np.allclose(plain["relu"]["Dense_0"], plain["tanh"]["Dense_0"])
+
+    zoo = Task.init("mlp", digits, 0)
+    own = Task(zoo.apply_fn, zoo.params, zoo.input_shape)  # a user's model: no identity
+    assert own.program_key("k") is None and zoo.program_key("k") is not None
+    assert zoo.with_params(zoo.params).program_key("k") == zoo.program_key("k")
+    before = set(_files(tmp_path))
+    with compilation.program_store("same key", folder=tmp_path) as store:
+        per_example_norms(own, x, y)
+    assert set(_files(tmp_path)) == before and store.written == 0
+
+
+def test_called_inside_another_transformation_it_is_traced_as_part_of_it(tmp_path):
+    fun = _program(static_argnames=("scale",))
+    with compilation.program_store("k", folder=tmp_path) as store:
+        out = jax.jit(lambda x: fun(x, Y, scale=2.0)["sum"])(X)
+        grad = jax.grad(lambda x: jnp.sum(fun(x, Y, scale=2.0)["sum"]))(X)
+    np.testing.assert_allclose(out, np.sin(X) * 2.0 + Y, rtol=1e-6)
+    np.testing.assert_allclose(grad, np.cos(X) * 2.0, rtol=1e-6)
+    assert store.written == 0
+
+
+def test_defaults_not_passed_stay_python_constants(tmp_path):
+    def power(x, p=3):
+        return x ** p
+
+    want = jax.jit(power)(X)
+    for expect_loaded in (0, 1):
+        with compilation.program_store("k", folder=tmp_path) as store:
+            got = _program(power, key="power")(X)
+        assert store.loaded == expect_loaded
+        np.testing.assert_array_equal(got, want)
+
+
+def test_an_error_of_the_function_is_raised_as_jit_raises_it(tmp_path):
+    def bad(x):
+        return x @ jnp.ones((5, 2))
+
+    with compilation.program_store("k", folder=tmp_path), warnings.catch_warnings():
+        warnings.simplefilter("error", compilation.CompileCacheWarning)  # no "could not store" for a real error
+        with pytest.raises(TypeError, match="dot_general"):
+            _program(bad, key="bad")(X)
+    assert _files(tmp_path) == []
+
+
+def test_changed_sources_turn_the_store_off(tmp_path, monkeypatch):
+    monkeypatch.setattr(compilation, "_SOURCES_AT_IMPORT", b"other sources")
+    with pytest.warns(compilation.CompileCacheWarning, match="source files changed"):
+        with compilation.program_store("k", folder=tmp_path) as store:
+            _check(_program(static_argnames=("scale",))(X, Y, scale=2.0))
+    assert store is None and _files(tmp_path) == []
+
