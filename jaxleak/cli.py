@@ -105,7 +105,8 @@ def _add_compile_cache_arguments(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--compile-cache", metavar="DIR",
                        help="persistent XLA compilation cache folder; default env JAXLEAK_COMPILE_CACHE, "
-                            "else ~/.cache/jaxleak/xla (XDG_CACHE_HOME honoured)")
+                            "else ~/.cache/jaxleak/xla (XDG_CACHE_HOME honoured); 'run' keeps its traced "
+                            "programs beside it in DIR-programs (env JAXLEAK_PROGRAM_STORE=off: not)")
     group.add_argument("--no-compile-cache", action="store_true",
                        help="compile without the persistent cache (also env JAXLEAK_COMPILE_CACHE=off)")
 
