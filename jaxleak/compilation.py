@@ -520,13 +520,8 @@ class Program:
         if exported is None:
             if _held_bytes(self._fun) > _STORE_MAX_HELD_BYTES:
                 return _call_by_name(self._jit, self._signature, names, statics)
-            fun, signature, fixed = self._fun, self._signature, dict(statics)
-
-            def bound_fun(*values):
-                call = inspect.BoundArguments(signature, {**dict(zip(names, values)), **fixed})
-                return fun(*call.args, **call.kwargs)
-
-            bound_fun.__name__ = getattr(fun, "__name__", "program")
+            bound_fun = _call_by_name(self._fun, self._signature, names, statics)
+            bound_fun.__name__ = getattr(self._fun, "__name__", "program")
             try:
                 exported = jax.export.export(jax.jit(bound_fun))(*dynamic)
                 types: dict = {}

@@ -251,12 +251,12 @@ class Task:
         variables = init(jax.random.key(seed), x0)
         task = cls.from_linen(module, variables, input_shape=dataset.input_shape, loss_fn=loss_fn,
                               name=model_name, granularity=granularity)
-        if loss_fn is None and " at 0x" not in repr(module):
-            kind = type(module)
+        module_identity = _module_identity(module)
+        if loss_fn is None and module_identity is not None:
             # everything the task's functions hold: the module (its class and options), the input shape, the
             # non-parameter variables made by init (from the seed), the layer split and the default loss
-            task._cache[_PROGRAM_IDENTITY] = ("zoo", model_name, kind.__module__, kind.__qualname__, repr(module),
-                                              task.input_shape, int(seed), granularity)
+            task._cache[_PROGRAM_IDENTITY] = ("zoo", model_name, module_identity, task.input_shape, int(seed),
+                                              granularity)
         return task
 
     def with_params(self, params: PyTree) -> "Task":
@@ -386,15 +386,22 @@ def _compiled_init(module) -> Callable:
     from jaxleak import compilation
 
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    if " at 0x" in repr(module):  # the module's repr does not show all it holds: never stored
+    identity = _module_identity(module)
+    if identity is None:
         return jax.jit(module.init, compiler_options=options)
 
     def init(rngs, x):
         return module.init(rngs, x)
 
-    kind = type(module)
-    return compilation.jit(init, key=("init", kind.__module__, kind.__qualname__, repr(module)),
-                           compiler_options=options)
+    return compilation.jit(init, key=("init", identity), compiler_options=options)
+
+
+def _module_identity(module) -> tuple | None:
+    """A Linen module's class and options as a later process sees them; None when its repr hides what it holds."""
+    text = repr(module)
+    if " at 0x" in text:
+        return None
+    return (type(module).__module__, type(module).__qualname__, text)
 
 
 def _accepts_train(module) -> bool:

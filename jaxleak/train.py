@@ -21,10 +21,10 @@ class TrainResult(NamedTuple):
     losses: list[float]
 
 
-def _step_fn(task: Task, optimizer: optax.GradientTransformation, use_dropout: bool, defense=None, *,
-             lr: float) -> Callable:
-    """The jitted training step; ``lr`` is the learning rate ``optimizer`` was made with (the program's key)."""
-    key = ("train_step", id(optimizer), use_dropout, defense)
+def _step_fn(task: Task, lr: float, use_dropout: bool, defense=None) -> Callable:
+    """The jitted training step of Adam at learning rate ``lr`` (:func:`_adam`)."""
+    key = ("train_step", lr, use_dropout, defense)
+    optimizer = _adam(lr)
 
     def build():
         def loss(params, x, y, rng):
@@ -44,7 +44,7 @@ def _step_fn(task: Task, optimizer: optax.GradientTransformation, use_dropout: b
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, value
 
-        return compilation.jit(step, key=task.program_key(("train_step", lr, use_dropout, defense)))
+        return compilation.jit(step, key=task.program_key(key))
 
     return task.cached(key, build)
 
@@ -80,11 +80,11 @@ def train(task: Task, x, y, *, epochs: int, batch_size: int = 64, lr: float = 1e
     batch_size = int(min(batch_size, x.shape[0]))
     optimizer = _adam(float(lr))
     use_dropout = bool(dropout and task.train_apply_fn is not None)
-    step = _step_fn(task, optimizer, use_dropout, defense, lr=float(lr))
+    step = _step_fn(task, float(lr), use_dropout, defense)
     params = task.params
     # One program for the whole state (eagerly, each leaf shape compiles its own zeros).
-    opt_state = task.cached(("optimizer_init", id(optimizer)),
-                            lambda: compilation.jit(optimizer.init, key=("adam_init", float(lr))))(params)
+    init_key = ("optimizer_init", float(lr))
+    opt_state = task.cached(init_key, lambda: compilation.jit(optimizer.init, key=init_key))(params)
     key = jax.random.key(seed)
     losses = []
     epoch_iter = range(epochs)

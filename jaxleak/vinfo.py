@@ -497,14 +497,9 @@ _LAST_FEATURES: dict = {}
 
 def _fingerprint(task: Task, parts, dim: int, seed: int, names: tuple) -> tuple:
     """A digest of the parameters, the examples and the sketch: equal digests give equal sketched gradients."""
-    import hashlib
+    from jaxleak.compilation import array_digest
 
-    h = hashlib.blake2b(digest_size=16)
-    for a in (*jax.tree.leaves(task.params), *(a for part in parts for a in part)):
-        a = np.asarray(a)
-        h.update(str((a.dtype, a.shape)).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return (h.hexdigest(), id(task.apply_fn), id(task.loss_fn), dim, int(seed), names)
+    return (array_digest(task.params, list(parts)), id(task.apply_fn), id(task.loss_fn), dim, int(seed), names)
 
 
 def v_information(
