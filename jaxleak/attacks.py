@@ -34,6 +34,7 @@ PSNR, SSIM), matching them by the Hungarian assignment when B > 1.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -47,7 +48,8 @@ import scipy.optimize
 from jaxleak import compilation
 from jaxleak import metrics
 from jaxleak.errors import InputError, NonFiniteError
-from jaxleak.grads import TRACE_COUNTS, OuterFactors, canonical_convs, local_sgd_update, per_example_grad_fn
+from jaxleak.grads import (TRACE_COUNTS, OuterFactors, canonical_convs, chunk_limits, local_sgd_update,
+                           per_example_grad_fn)
 from jaxleak.scores import LayerScores, Score
 from jaxleak.task import Layer, Task
 
@@ -457,8 +459,11 @@ def _factored_products(u: OuterFactors, t: jax.Array, runs: tuple[int, ...]) -> 
 
 def _run(task: Task, target_update, *, weights_for: Callable[[int], np.ndarray], method: str, layers, restarts: int,
          steps: int | None, lr: float | None, tv: float | None, labels, batch_size: int, local_steps: int,
-         local_lr: float, seed: int, progress: bool):
-    """Shared driver of :func:`invert` and :func:`invert_layers`; returns per-weight-row results."""
+         local_lr: float, seed: int, progress: bool, starts: dict | None = None):
+    """Shared driver of :func:`invert` and :func:`invert_layers`; returns per-weight-row results.
+
+    ``starts`` are the random initialisations of these victims (drawn here from ``seed`` when None).
+    """
     if method not in METHODS:
         raise InputError(f"unknown attack method {method!r}; choose one of {list(METHODS)}")
     defaults = _DEFAULTS[method]
@@ -491,10 +496,8 @@ def _run(task: Task, target_update, *, weights_for: Callable[[int], np.ndarray],
                  signed=defaults["signed"], box=defaults["box"], local_steps=local_steps)
     weights = jnp.asarray(weights_for(len(sel)), jnp.float32)
     # random starts drawn on the host (seeded; no program to compile): x uniform in [0, 1], soft labels N(0, 1)
-    rng = np.random.default_rng(seed)
-    start = {"x": rng.uniform(size=(victims, restarts, batch, *task.input_shape)).astype(np.float32)}
-    if soft:
-        start["q"] = rng.standard_normal((victims, restarts, batch, task.num_classes)).astype(np.float32)
+    start = _starts(task, victims, restarts, batch, seed) if starts is None else starts
+    start = {"x": start["x"], **({"q": start["q"]} if soft else {})}
     targets = {layer.name: jnp.asarray(update[layer.name]) for layer in sel}
     lab = jnp.asarray(lab)
     hyper = {"lr": jnp.float32(lr), "tv": jnp.float32(tv), "local_lr": jnp.float32(local_lr)}
@@ -534,6 +537,14 @@ def _run(task: Task, target_update, *, weights_for: Callable[[int], np.ndarray],
             loss=_pick(losses, best)[m], restart_losses=losses[m],
             best_restart=best[m], trace=trace[m], method=method, layers=matched, config=dict(config)))
     return sel, results
+
+
+def _starts(task: Task, victims: int, restarts: int, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Seeded random starts: x uniform in [0, 1] and soft labels N(0, 1), (V, R, B, ...)."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(victims, restarts, batch, *task.input_shape)).astype(np.float32)
+    q = rng.standard_normal((victims, restarts, batch, task.num_classes)).astype(np.float32)
+    return {"x": x, "q": q}
 
 
 def _pick(a: np.ndarray, best: np.ndarray) -> np.ndarray:
@@ -584,21 +595,108 @@ def invert(task: Task, target_update: Mapping[str, Any], *, method: str = "ig", 
     return results[0]
 
 
+def _has_output_bias(task: Task) -> bool:
+    last = task.layers[-1]
+    return any(shape == (task.num_classes,) and path.split("/")[-1] == "bias"
+               for shape, path in zip(last.shapes, last.paths))
+
+
 def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Sequence[str] | None = None,
                   **options) -> dict[str, InversionResult]:
-    """One attack per layer, each matching that layer's update only: ``{layer: InversionResult}``.
+    """One attack per layer, each a function of that layer's update only: ``{layer: InversionResult}``.
 
     All layers run in one jitted computation (a vmap over one-hot layer
     weights), with the same random initialisations, so the layers differ
-    only in what their gradient reveals. Labels are handled once for all
-    layers (recovered from the last layer when possible). ``options`` are
-    those of :func:`invert`.
+    only in what their gradient reveals. Labels obey the same rule: with
+    ``labels=None`` and one example per update, the last layer's attack
+    recovers the label exactly from its own bias gradient (iDLG), and every
+    other layer's attack optimises soft labels jointly from its own
+    gradient (never the label read off another layer); each result's
+    ``label_source`` says which. Given labels (an array) are used by every
+    layer: the conditional attack. ``options`` are those of :func:`invert`,
+    and ``max_floats``: the floats one call's per-example gradients may hold
+    (default: 2^28 on the CPU, a fraction of the free memory on an
+    accelerator); layers and victims are split into calls to stay within it,
+    with the same random starts, so the results do not depend on the split.
     """
-    sel, results = _run(task, target_update, weights_for=lambda n: np.eye(n, dtype=np.float32), layers=layers,
-                        **{"method": "ig", "restarts": 8, "steps": None, "lr": None, "tv": None, "labels": None,
-                           "batch_size": 1, "local_steps": 1, "local_lr": 0.1, "seed": 0, "progress": False,
-                           **options})
-    return {layer.name: result for layer, result in zip(sel, results)}
+    options = {"method": "ig", "restarts": 8, "steps": None, "lr": None, "tv": None, "labels": None,
+               "batch_size": 1, "local_steps": 1, "local_lr": 0.1, "seed": 0, "progress": False,
+               "max_floats": None, **options}
+    max_floats = options.pop("max_floats")
+    update, _ = _as_update_batch(task, target_update)
+    sel = _matched_layers(task, update, layers)
+    last = task.layers[-1].name
+    groups = [[layer.name for layer in sel]]
+    if options["labels"] is None:
+        own_label = int(options["batch_size"]) == 1 and _has_output_bias(task)
+        recovered = [name for name in groups[0] if own_label and name == last]
+        groups = [g for g in (recovered, [name for name in groups[0] if name not in recovered]) if g]
+    victims = next(iter(update.values())).shape[0]
+    restarts, batch = _positive_int("restarts", options["restarts"]), _positive_int("batch_size", options["batch_size"])
+    starts = _starts(task, victims, restarts, batch, int(options["seed"]))
+    budget = chunk_limits(_ATTACK_CPU_FLOATS)[0] if max_floats is None else _positive_int("max_floats", max_floats)
+    if options["labels"] is not None and not isinstance(options["labels"], str):
+        options["labels"] = _labels_array(options["labels"], victims, batch, task.num_classes)
+    out: dict[str, InversionResult] = {}
+    for group in groups:
+        labels = options["labels"]
+        if labels is None and group != [last]:
+            labels = "optimize"  # a layer's own gradient holds its label only through the optimisation
+        for chunk, rows in _attack_plan(task, group, victims, restarts * batch, budget):
+            keep = set(chunk) | ({last} if labels is None else set())
+            parts = []
+            for v in rows:
+                sub = {name: g[v] for name, g in update.items() if name in keep}
+                picked, results = _run(task, sub, weights_for=lambda n: np.eye(n, dtype=np.float32), layers=chunk,
+                                       starts={k: a[v] for k, a in starts.items()},
+                                       **{**options, "labels": labels if not isinstance(labels, np.ndarray) else labels[v]})
+                parts.append(results)
+            for i, layer in enumerate(picked):
+                out[layer.name] = _concat_victims([p[i] for p in parts])
+    return {layer.name: out[layer.name] for layer in sel}
+
+
+# float32 values that the per-example gradients of one attack call may hold on the CPU (1 GiB); on an
+# accelerator a fraction of its free memory (jaxleak.grads.chunk_limits)
+_ATTACK_CPU_FLOATS = 2 ** 28
+
+
+def _attack_plan(task: Task, names: Sequence[str], victims: int, runs_per_victim: int, budget: int):
+    """Calls of a per-layer attack: (layer group, [victim index arrays]) with bounded memory each.
+
+    One call of ``M`` layers runs M V R B dummy examples, each forming the
+    per-example gradients of all M layers (plus activations, counted as
+    four copies of the input); layers are grouped while that stays within
+    ``budget`` floats, and a layer too large on its own splits its victims
+    into near-equal parts.
+    """
+    per_example = 4 * int(np.prod(task.input_shape))
+    sizes = {name: task.layer(name).size + per_example for name in names}
+    plan, group = [], []
+
+    def cost(g):
+        return len(g) * victims * runs_per_victim * sum(sizes[n] for n in g)
+
+    for name in names:
+        if group and cost(group + [name]) > budget:
+            plan.append(group)
+            group = []
+        group.append(name)
+    plan.append(group)
+    out = []
+    for g in plan:
+        parts = max(1, int(math.ceil(cost(g) / budget)))
+        out.append((g, [a for a in np.array_split(np.arange(victims), min(parts, victims)) if a.size]))
+    return out
+
+
+def _concat_victims(results: Sequence[InversionResult]) -> InversionResult:
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+    cat = {f: np.concatenate([getattr(r, f) for r in results]) for f in
+           ("x", "labels", "loss", "restart_losses", "best_restart", "trace")}
+    return first._replace(**cat)
 
 
 def invert_per_layer(task: Task, target_update: Mapping[str, Any], originals, *,
@@ -609,7 +707,8 @@ def invert_per_layer(task: Task, target_update: Mapping[str, Any], originals, *,
     against ``originals`` with :func:`score`. ``value`` is the mean PSNR over
     victims' images (higher = more of x leaks through that layer), ``ci`` a
     95% percentile bootstrap over victims (None for one victim); extras hold
-    the mean MSE and SSIM and the per-victim PSNR.
+    the mean MSE and SSIM and the per-victim PSNR, and the layer's
+    ``label_source`` (see :func:`invert_layers`).
     """
     per_layer = invert_layers(task, target_update, layers=layers, **options)
     out = {}
@@ -618,9 +717,13 @@ def invert_per_layer(task: Task, target_update: Mapping[str, Any], originals, *,
         psnr_v = np.mean(s.psnr, axis=1)
         out[name] = Score(float(np.mean(psnr_v)), _bootstrap_ci(psnr_v, confidence_seed),
                           {"mse": float(np.mean(s.mse)), "ssim": float(np.mean(s.ssim)),
-                           "psnr_per_victim": psnr_v.tolist(), "matching_loss": float(np.mean(result.loss))})
+                           "psnr_per_victim": psnr_v.tolist(), "matching_loss": float(np.mean(result.loss)),
+                           "label_source": result.label_source})
     first = next(iter(per_layer.values()))
     meta = dict(first.config, victims=int(first.x.shape[0]), matched="one layer at a time",
+                labels={name: r.label_source for name, r in per_layer.items()},
+                label_rule="each layer's attack reads its own gradient only: the label is recovered from the last "
+                           "layer's own bias gradient, optimised jointly for every other layer, or given to all",
                 note="PSNR of the best-restart reconstruction (chosen by matching loss); higher means more leakage")
     return LayerScores("attack_psnr", out, unit="dB", meta=meta)
 
