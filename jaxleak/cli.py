@@ -1,7 +1,9 @@
 """The ``jaxleak`` command line.
 
 User errors print one line ``jaxleak: error: ...`` and exit with status 2
-(``--debug`` shows the traceback); no partial run directory is left behind.
+(``--debug`` shows the traceback); no partial run directory is left behind,
+except when a measure runs out of memory (``jaxleak: error: out of memory in
+<measure> ...``): its finished measures are kept for ``--resume``.
 """
 
 from __future__ import annotations
@@ -333,6 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars an error left open, so that its one line starts a clean line."""
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # a bar that cannot close must not hide the error
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -343,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JaxleakError as err:
         if args.debug:
             raise
+        _close_progress_bars()
         print(f"jaxleak: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `jaxleak list models | head`

@@ -32,3 +32,7 @@ class NonFiniteError(JaxleakError, FloatingPointError):
 
 class ConfigError(JaxleakError, ValueError):
     """A configuration file or option is invalid."""
+
+
+class OutOfMemoryError(JaxleakError, MemoryError):
+    """A measure ran out of (accelerator or host) memory; a smaller --chunk-size or --inversion-n may fit."""

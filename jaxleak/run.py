@@ -3,17 +3,23 @@
 Data flows one way: data set -> task (trained for ``epochs``) -> measures ->
 results. Each finished measure is written to ``<out>/parts/<measure>.json`` at
 once (atomically), so an interrupted run can be resumed and loses nothing;
-``results.json`` and ``layers.csv`` are assembled from the parts.
+``results.json`` and ``layers.csv`` are assembled from the parts. A measure
+that runs out of memory stops the run with :class:`OutOfMemoryError`, which
+names the options that bound its memory; the finished parts stay for
+``--resume``, which may change those options (``chunk_size``, and
+``inversion_n`` while no finished measure used it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import difflib
 import json
 import os
 import platform
+import re
 import time
 import tomllib
 from typing import Any, Callable
@@ -25,7 +31,7 @@ from jaxleak import compilation
 from jaxleak import data as data_lib
 from jaxleak import io
 from jaxleak import measures as measures_lib
-from jaxleak.errors import ConfigError, InputError, JaxleakError, UnknownNameError
+from jaxleak.errors import ConfigError, InputError, JaxleakError, OutOfMemoryError, UnknownNameError
 from jaxleak.scores import LayerScores
 from jaxleak.task import Task
 
@@ -331,17 +337,17 @@ def run(config: RunConfig, *, out: str | None = None, resume: bool = False, prog
     mesh of that many devices (``jaxleak.sharding``). Invalid options fail
     before the directory is created. If a measure fails
     with a :class:`JaxleakError` in a fresh run, the directory is removed; an
-    interruption (Ctrl-C) keeps it for ``resume``.
+    interruption (Ctrl-C) or running out of memory (:class:`OutOfMemoryError`)
+    keeps it for ``resume``, which may change the options that bound memory
+    (see :data:`RESUME_MAY_CHANGE`).
     """
     started = time.time()
     out = out or default_out_dir()
     if resume:
-        check_resume(out, config.to_dict())
+        check_resume(out, _resume_expected(out, config))
     elif os.path.exists(out) and os.listdir(out):
         raise InputError(f"output directory {out!r} exists and is not empty; choose another --out "
                          f"or continue it with --resume")
-    import contextlib
-
     from jaxleak.compilation import count_compilations, program_store
     from jaxleak.sharding import make_mesh, use_mesh
 
@@ -358,9 +364,9 @@ def _run(config: RunConfig, out: str, resume: bool, progress: bool, on_measure, 
     t0 = time.time()
     prep = prepare(config, progress=progress)
     timing = {"prepare_s": time.time() - t0}
-    with io.run_directory(out, resume=resume, cleanup=(JaxleakError,)):
-        if not resume:
-            io.write_json(os.path.join(out, "config.json"), config.to_dict())
+    with _run_directory(out, resume):
+        # On resume config.json is rewritten: it may change the options that bound memory (RESUME_MAY_CHANGE).
+        io.write_json(os.path.join(out, "config.json"), config.to_dict())
         from jaxleak.checkpoint import save_params
 
         save_params(os.path.join(out, "params.msgpack"), prep.task.params)
@@ -376,7 +382,7 @@ def _run(config: RunConfig, out: str, resume: bool, progress: bool, on_measure, 
                 timing[key + "_s"] = entry.get("seconds")
             else:
                 t0 = time.time()
-                scores = measures_lib.get(key).compute(prep.task, prep.x, prep.y, prep.z, opts, progress)
+                scores = _compute(key, prep, opts, progress, out)
                 entry = scores.to_dict()
                 entry["seconds"] = time.time() - t0
                 io.write_json(part, entry)
@@ -423,6 +429,113 @@ def _run(config: RunConfig, out: str, resume: bool, progress: bool, on_measure, 
         write_report(out)
     results["out"] = out
     return results
+
+
+# ---------------------------------------------------------------- out of memory
+
+# Options a resumed run may change (the out-of-memory error suggests them), each with the measures whose numbers it
+# decides: one of those that is already finished refuses the change. Chunking changes numbers by at most rtol 1e-5.
+RESUME_MAY_CHANGE: dict[str, tuple[str, ...]] = {
+    "chunk_size": (),
+    "inversion_n": ("v_information.latent", "v_information.original"),
+}
+
+# The options that bound a measure's memory, in the order the out-of-memory error suggests them.
+_MEMORY_FLAGS = (("chunk_size", "--chunk-size"), ("inversion_n", "--inversion-n"))
+
+
+def _resume_expected(out: str, config: RunConfig) -> dict:
+    """``config.to_dict()``, with each option of RESUME_MAY_CHANGE that may differ from ``out``'s taken from it."""
+    expected = config.to_dict()
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return expected  # check_resume says what is wrong
+    if not isinstance(saved, dict):
+        return expected
+    for key, used_by in RESUME_MAY_CHANGE.items():
+        if key in saved and not any(os.path.isfile(_part_path(out, m)) for m in used_by):
+            expected[key] = saved[key]
+    return expected
+
+
+@contextlib.contextmanager
+def _run_directory(out: str, resume: bool):
+    """:func:`io.run_directory`, except that running out of memory keeps it: its finished parts are for --resume."""
+    failed = None
+    with io.run_directory(out, resume=resume, cleanup=(JaxleakError,)):
+        try:
+            yield out
+        except OutOfMemoryError as err:
+            failed = err
+    if failed is not None:
+        raise failed
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is running out of memory: XLA's RESOURCE_EXHAUSTED / "Out of memory", or a MemoryError."""
+    if isinstance(err, MemoryError):
+        return True
+    runtime = getattr(jax.errors, "JaxRuntimeError", None)
+    kinds = (RuntimeError, runtime) if isinstance(runtime, type) else (RuntimeError,)
+    if not isinstance(err, kinds):
+        return False
+    text = str(err)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+class _ReadOptions(dict):
+    """The measure options, noting which ones the measure reads (the error names those that bound memory)."""
+
+    def __init__(self, options: dict):
+        super().__init__(options)
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def _compute(key: str, prep: Prepared, opts: dict, progress: bool, out: str) -> LayerScores:
+    """One measure's scores; running out of memory becomes :class:`OutOfMemoryError` (nothing else is caught)."""
+    read = _ReadOptions(opts)
+    try:
+        return measures_lib.get(key).compute(prep.task, prep.x, prep.y, prep.z, read, progress)
+    except OutOfMemoryError:
+        raise
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        raise OutOfMemoryError(_out_of_memory_message(key, prep, read.read, err, out)) from err
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _out_of_memory_message(key: str, prep: Prepared, read: set[str], err: BaseException, out: str) -> str:
+    """``out of memory in <measure> (<what it computed>); try <the options that bound its memory>; ...``."""
+    config = prep.config
+    what = [f"{key} of {len(prep.task.layers)} layers of {config.model} on {int(prep.x.shape[0])} victims"]
+    if "chunk_size" in read:
+        what.append(f"chunks of {config.chunk_size} examples" if config.chunk_size else "automatic chunk size")
+    if "inversion_n" in read:
+        what.append(f"white-box inversion of {config.inversion_n} victims")
+    allocating = re.search(r"allocating (\d+) bytes", str(err))
+    if allocating:
+        what.append(f"allocating {_size(int(allocating.group(1)))}")
+    flags = [f"{flag} N" for option, flag in _MEMORY_FLAGS if option in read] or ["--n N (fewer victims)"]
+    return (f"out of memory in {key} ({', '.join(what)}); try {' or '.join(flags)}; "
+            f"the finished measures are kept: continue with --resume {out}")
 
 
 def measure_options(config: RunConfig) -> dict:
