@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from jaxleak import compilation
-from jaxleak.errors import InputError
+from jaxleak.errors import InputError, NonFiniteError
 from jaxleak.grads import TRACE_COUNTS
 
 FAMILIES = ("linear", "mlp")
@@ -242,6 +242,10 @@ class EnsembleFit(NamedTuple):
       val_row_loss: (L, N) out-of-fold loss of each row under the chosen
         member of the fold it validates in (after prior mixing; NaN for rows
         that never validate), the selection's own criterion in target units.
+      constant_columns: (L, F) number of each layer's columns (of its true
+        width, padding excluded) treated as constant on each fold's rows and
+        ignored (spread at most :func:`constant_floor`; see
+        :func:`_fold_standardisation`), for the caller's metadata.
     """
 
     members: tuple[Member, ...]
@@ -262,6 +266,7 @@ class EnsembleFit(NamedTuple):
     fold_of: np.ndarray | None = None
     rows: np.ndarray | None = None
     val_row_loss: np.ndarray | None = None
+    constant_columns: np.ndarray | None = None
 
     def decode(self, pred: np.ndarray) -> np.ndarray:
         """(N, r) principal-component coefficients -> (N, D) reconstructions (identity when not reduced)."""
@@ -523,16 +528,57 @@ _score_jit = compilation.jit(_score, key="ensemble_score", static_argnames=("spe
 
 # ---------------------------------------------------------------- set-up on the host
 
+# A column whose spread is at most this fraction of its scale is treated as constant (see constant_floor).
+CONSTANT_RTOL = 1e-6
+# The smallest spread a column may have on a fold's rows: 1 / sd stays <= 1e30, so the folded weights
+# w / sd (float32) cannot overflow. Binding only for raw features whose whole scale is below 1e-24.
+_SD_FLOOR = 1e-30
+
+
+def constant_floor(mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The spread at or below which a column counts as constant: ``CONSTANT_RTOL * max(|mean|, scale, tiny)``.
+
+    Scale invariant (multiplying a column by any c != 0 multiplies its spread and the floor by |c|), so a
+    layer scaled by 1e-20 or 1e20 keeps exactly the columns of the unscaled one. The ``|mean|`` term: a
+    spread of 1e-6 of the magnitude is a few float32 ulps (eps = 1.2e-7), i.e. the rounding of features
+    computed in float32, not signal, and standardising it would blow rounding up to unit scale (and the
+    float32 first layer, ``x @ (w / sd) - mu @ (w / sd)``, could not resolve it anyway). ``scale``: see
+    :func:`_fold_standardisation`. ``tiny`` makes an all-zero column constant.
+    """
+    return CONSTANT_RTOL * np.maximum(np.maximum(np.abs(mean), scale), np.finfo(np.float64).tiny)
+
+
 def _fold_standardisation(x: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-fold feature mean and 1/sd over each fold's non-held-out rows: (L, F, W) each."""
-    counts = keep.sum(axis=1).astype(np.float64)[None, :, None]
-    w = keep.astype(np.float32)
-    mu = np.einsum("fn,lnw->lfw", w, x) / counts
-    sq = np.einsum("fn,lnw->lfw", w, np.square(x)) / counts
-    sd = np.sqrt(np.maximum(sq - np.square(mu), 0.0))
-    # After the caller's global standardisation, a feature with sd ~ 1e-6 on
-    # the training rows is constant up to float rounding: ignore it.
-    inv_sd = np.where(sd > 1e-6, 1.0 / np.maximum(sd, 1e-30), 0.0)
+    """Per-fold feature mean and 1/sd over each fold's non-held-out rows: (L, F, W) each.
+
+    Statistics are computed in float64, the variance about the fold's own mean (two passes, so a column
+    constant on the fold's rows has spread 0 up to float64 rounding, not float32 cancellation noise). A
+    column whose spread on the fold's rows is at most :func:`constant_floor` of (its fold mean, its spread
+    over all N rows) is constant there: ``1 / sd = 0``, it contributes nothing (its weights stay zero).
+    The all-rows term makes the floor a fraction of the column's own scale (after
+    :func:`jaxleak.vinfo._stack` that is 1, and the float32 stacked features carry rounding of about 1e-7):
+    a column whose variation lies almost entirely on rows the fold may not read is not amplified a
+    millionfold. It also bounds every standardised value, held-out rows included:
+    ``|x - mu| / sd <= 2 sqrt(N) / CONSTANT_RTOL``, so nothing derived from the standardised features and
+    cast to float32 can overflow, whatever the scale of the input.
+    """
+    num_l, n, width = x.shape
+    num_f = keep.shape[0]
+    mu = np.zeros((num_l, num_f, width), np.float64)
+    sd = np.zeros((num_l, num_f, width), np.float64)
+    first = [next(g for g in range(num_f) if np.array_equal(keep[g], keep[f])) for f in range(num_f)]
+    for i in range(num_l):
+        xl = x[i].astype(np.float64)
+        scale = xl.std(axis=0)
+        for f in range(num_f):
+            if first[f] != f:  # the same rows as an earlier fold (the attacker's split): the same statistics
+                mu[i, f], sd[i, f] = mu[i, first[f]], sd[i, first[f]]
+                continue
+            rows = xl[keep[f]]
+            mu[i, f] = rows.mean(axis=0)
+            sd[i, f] = np.sqrt(np.mean(np.square(rows - mu[i, f]), axis=0))
+        sd[i] = np.where((sd[i] > constant_floor(mu[i], scale[None])) & (sd[i] > _SD_FLOOR), sd[i], 0.0)
+    inv_sd = np.divide(1.0, sd, out=np.zeros_like(sd), where=sd > 0)
     return mu.astype(np.float32), inv_sd.astype(np.float32)
 
 
@@ -582,16 +628,29 @@ def _standardised(x: np.ndarray, mu: np.ndarray, inv_sd: np.ndarray, layer: int,
     return (x[layer].astype(np.float64) - mu[layer, fold]) * inv_sd[layer, fold]
 
 
+def _numerical_rank_tol(e: np.ndarray, a: np.ndarray) -> float:
+    """Eigenvalues of a's Gram matrix at or below this are zero up to float64 rounding (relative, so scale free)."""
+    return float(max(a.shape) * np.finfo(np.float64).eps * max(float(e.max(initial=0.0)), 0.0))
+
+
 def _top_directions(a: np.ndarray, r: int) -> np.ndarray:
-    """(W, r) orthonormal top-r principal directions of the rows of a (n, W), via the smaller Gram matrix."""
+    """(W, r) orthonormal top-r principal directions of the rows of a (n, W), via the smaller Gram matrix.
+
+    Directions beyond a's numerical rank (eigenvalue at most :func:`_numerical_rank_tol`) are rounding
+    noise, not directions of the data: they are returned as zero columns. (Through the n x n Gram matrix,
+    ``a.T u / sqrt(e)`` of such an eigenvalue, often a tiny negative one, would be a vector of norm up to
+    1e150, and the projected features would overflow float32.)
+    """
     n, w = a.shape
     if n < w:
         e, u = np.linalg.eigh(a @ a.T)
         u, e = u[:, ::-1][:, :r], e[::-1][:r]
-        v = (a.T @ u) / np.sqrt(np.maximum(e, 1e-300))
+        real = e > _numerical_rank_tol(e, a)
+        v = (a.T @ u) / np.sqrt(np.where(real, e, 1.0)) * real
     else:
         e, v = np.linalg.eigh(a.T @ a)
-        v = v[:, ::-1][:, :r]
+        v, e = v[:, ::-1][:, :r], e[::-1][:r]
+        v = v * (e > _numerical_rank_tol(e, a))
     return _fix_signs(v)
 
 
@@ -602,6 +661,7 @@ def _principal_features(x: np.ndarray, mu: np.ndarray, inv_sd: np.ndarray, keep:
     z[l, f] = ((x[l] - mu[l, f]) * inv_sd[l, f]) @ V[l, f] for every row, V the top principal directions of
     fold f's non-held-out rows (the rows whose features the fold may read). Returns z (L, F, N, r) float32
     and the number of columns in use per layer, min(r, true width, rows - 1); the rest are zero.
+    Directions beyond a layer's numerical rank are zero columns (:func:`_top_directions`).
     """
     num_l, n, _ = x.shape
     num_f = keep.shape[0]
@@ -644,19 +704,28 @@ def _ridge(x: np.ndarray, mu: np.ndarray, inv_sd: np.ndarray, t: np.ndarray, tra
             xbar, tbar = xs.mean(axis=0), ts.mean(axis=0)
             xc, tc = xs - xbar, ts - tbar
             lam = xs.shape[0] * k * wds
+            # (e + lam)^-1, with directions beyond the numerical rank left out when lam ~ 0 (weight decay 0 on
+            # constant or collinear columns): the minimum-norm solution instead of a division by zero
             if xc.shape[0] < width:  # w = Xc' (Xc Xc' + lam I)^-1 Tc
                 e, u = np.linalg.eigh(xc @ xc.T)
                 proj = u.T @ tc
-                w = np.stack([xc.T @ (u @ (proj / (np.maximum(e, 0.0)[:, None] + lv))) for lv in lam])
+                w = np.stack([xc.T @ (u @ (proj * _inverse(e, lv, _numerical_rank_tol(e, xc))[:, None]))
+                              for lv in lam])
             else:  # w = (Xc' Xc + lam I)^-1 Xc' Tc
                 e, v = np.linalg.eigh(xc.T @ xc)
                 proj = v.T @ (xc.T @ tc)
-                w = np.stack([v @ (proj / (np.maximum(e, 0.0)[:, None] + lv)) for lv in lam])
+                w = np.stack([v @ (proj * _inverse(e, lv, _numerical_rank_tol(e, xc))[:, None]) for lv in lam])
             b = tbar[None] - np.einsum("w,mwk->mk", xbar, w)
             out = np.einsum("nw,mwk->mnk", s[val[f]], w) + b[:, None]
             val_loss[i, f] = 0.5 * np.mean(np.square(out - tf[val[f]][None]), axis=(1, 2))
             w_out[i, f], b_out[i, f] = w, b
     return {"w": w_out, "b": b_out}, val_loss
+
+
+def _inverse(e: np.ndarray, lam: float, tol: float) -> np.ndarray:
+    """1 / (e + lam) for eigenvalues e >= -tol of a Gram matrix, 0 where e + lam is at most tol (a null direction)."""
+    d = np.maximum(e, 0.0) + lam
+    return np.divide(1.0, d, out=np.zeros_like(d), where=d > tol)
 
 
 def _check_split(split: Split, n: int) -> None:
@@ -863,6 +932,7 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     num_f = split.train.shape[0]
     keep = split.train | split.val
     mu, inv_sd = _fold_standardisation(x, keep)
+    constant_columns = np.sum((inv_sd == 0) & (np.arange(width) < widths[:, None])[:, None, :], axis=2)
     # Under the attacker's split every fold shares the auxiliary rows' null and target basis, so the fold
     # models' predictions can be averaged.
     stats_keep = np.broadcast_to(keep.any(axis=0), keep.shape) if split.shared else keep
@@ -914,7 +984,8 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
         best_val["linear"] = val
         best_step["linear"] = np.full(shape(wds.size), CLOSED_FORM, np.int32)
     scoring = {key: value for key, value in data.items() if key not in ("xt", "zt")}  # transposes train only
-    return _select_and_score(best_params, best_val, best_step, scoring, spec, split, members, targets, done)
+    fit = _select_and_score(best_params, best_val, best_step, scoring, spec, split, members, targets, done)
+    return fit._replace(constant_columns=constant_columns)
 
 
 def _init_state(params: dict, num_layers: int) -> _State:
@@ -957,6 +1028,7 @@ def _select_and_score(best_params: dict, best_val: dict, best_step: dict, data: 
                       members: tuple[Member, ...], targets: _Targets, steps_run: int) -> EnsembleFit:
     """Each fold's member with the lowest validation loss, its validation gain, and the scored rows' losses."""
     member_test, chosen, loss_c, pred_rows, loss_rows = _score_jit(best_params, best_val, data, spec=spec)
+    _check_finite(np.asarray(loss_rows), np.asarray(pred_rows), np.asarray(loss_c), split)
     chosen = np.array(chosen)
     loss_c = np.asarray(loss_c, np.float64)
     num_l, num_f = chosen.shape
@@ -986,6 +1058,25 @@ def _select_and_score(best_params: dict, best_val: dict, best_step: dict, data: 
     return EnsembleFit(members, val, best_step, np.asarray(member_test), chosen, gain, gain_se, heldout_loss,
                        pred, null_rows, null_pred, steps_run, mix, targets.basis, targets.mean, fold_of, rows,
                        val_row_loss)
+
+
+def _check_finite(loss_rows: np.ndarray, pred_rows: np.ndarray, loss_c: np.ndarray, split: Split) -> None:
+    """Raise :class:`NonFiniteError` naming every layer (by index) whose chosen attack gives a NaN or infinite
+    held-out loss or prediction, or validation loss: such an estimate must never be stored silently."""
+    scored = np.asarray(split.test).any(axis=0)
+    checks = (("held-out loss", ~np.isfinite(loss_rows[:, scored])),
+              ("held-out prediction", ~np.isfinite(pred_rows[:, scored]).all(axis=-1)),
+              ("validation loss", ~np.isfinite(np.where(np.asarray(split.val)[None], loss_c, 0.0)).any(axis=1)))
+    problems = []
+    for quantity, bad in checks:
+        layers = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))
+        problems += [f"layer {i}: {quantity} of the chosen attack model is NaN or infinite "
+                     f"({int(bad[i].sum())} rows)" for i in layers]
+    if problems:
+        raise NonFiniteError(
+            "attack ensemble: " + "; ".join(problems) + " (layers are indices into the features' layers). "
+            "Likely cause: features of extreme or degenerate scale (near-constant or low-rank columns) that "
+            "overflowed float32 after standardisation, or an attack model that diverged (try a smaller lr)")
 
 
 # Prior weights tried when a classifier's held-out probabilities are mixed with the prior.

@@ -155,11 +155,6 @@ def holm(pvalues) -> list[float]:
     return out.tolist()
 
 
-def _interval(layer: Mapping, rank_by: str):
-    ci = layer.get("excess_ci") if rank_by == "excess" else layer.get("ci")
-    return tuple(ci) if ci is not None and None not in ci else None
-
-
 def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
@@ -167,17 +162,20 @@ def _fmt(v: float) -> str:
 def verdict(entry: Mapping) -> dict:
     """Which layers leak, by one measure's results (a ``LayerScores.to_dict()`` entry).
 
-    A measure whose layers carry ``detected`` is a test: the top layers are
-    named only when some layer is detected, as the detected layer with the
-    largest headline (``rank_by``) and every layer whose interval overlaps
-    its interval (a tie); with nothing detected ``top`` is None and the
-    smallest effect the run could have detected (``detectable``, per layer)
-    is reported. A measure without ``detected`` (sensitivity, gradient
-    norm) is a scale: its largest layer is named as such, and nothing is
-    claimed as detected.
+    A measure whose layers carry ``detected`` is a test (family-wise over
+    its layers): the top layers are named only when some layer is
+    detected, as the detected layer with the largest headline (``rank_by``)
+    and every detected layer that the measure's paired comparison could not
+    tell from it (``tied_with_top``); with nothing detected ``top`` is None
+    and the smallest effect the run could have detected (``detectable``, per
+    layer) is reported, or, where the test cannot reject at all
+    (``meta.cannot_reject``), why. A measure without ``detected``
+    (sensitivity, gradient norm) is a scale: its largest layer is named as
+    such, and nothing is claimed as detected.
     """
     layers = entry.get("layers") or {}
-    rank_by = (entry.get("meta") or {}).get("rank_by", "value")
+    meta = entry.get("meta") or {}
+    rank_by = meta.get("rank_by", "value")
     unit = entry.get("unit", "")
 
     def head(name):
@@ -191,22 +189,26 @@ def verdict(entry: Mapping) -> dict:
         return {"kind": "scale", "top": [top], "detected": None,
                 "reason": "a scale, not a test: the layer with the largest value is named; nothing is tested",
                 "text": f"largest in {top} ({_fmt(head(top))} {unit})".strip()}
+    undefined = {name: layer.get("undefined") for name, layer in layers.items() if layer.get("undefined")}
     detected = [name for name, layer in layers.items() if layer.get("detected")]
     detectable = {name: layer.get("detectable") for name, layer in layers.items()}
+    suffix = f"; undefined in {', '.join(undefined)}" if undefined else ""
     if not detected:
         sizes = [v for v in detectable.values() if v is not None and math.isfinite(v)]
-        if sizes:
+        what = meta.get("detectable_what", "an effect")
+        if meta.get("cannot_reject"):
+            text = f"none detected; this run cannot detect anything: {meta['cannot_reject']}"
+        elif sizes:
             low, high = min(sizes), max(sizes)
             span = _fmt(low) if _fmt(low) == _fmt(high) else f"{_fmt(low)} to {_fmt(high)}"
-            text = f"none detected; this run would detect {span} {unit} or more (80% power, per layer)"
+            text = (f"none detected; this run would detect {what} of {span} {unit} or more "
+                    f"(80% power, family-wise over {len(layers)} layers)")
         else:
             text = "none detected; no detectable size could be computed"
         return {"kind": "test", "top": None, "detected": [], "reason": "no layer detected",
-                "detectable": detectable, "text": text}
+                "detectable": detectable, "undefined": undefined or None, "text": text + suffix}
     best = max(detected, key=head)
-    best_iv = _interval(layers[best], rank_by)
-    tied = [name for name in layers if name != best and best_iv is not None
-            and (iv := _interval(layers[name], rank_by)) is not None and iv[1] >= best_iv[0] and iv[0] <= best_iv[1]]
+    tied = [name for name in detected if name != best and layers[name].get("tied_with_top")]
     top = [best] + tied
     amounts = ", ".join(f"{name} {_fmt(head(name))}" for name in detected)
     text = f"detected in {len(detected)} of {len(layers)} layers ({amounts} {unit})".rstrip()
@@ -215,4 +217,4 @@ def verdict(entry: Mapping) -> dict:
     else:
         text += f"; top {best}"
     return {"kind": "test", "top": top, "detected": detected, "reason": None, "detectable": detectable,
-            "text": text}
+            "undefined": undefined or None, "text": text + suffix}

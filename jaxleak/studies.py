@@ -442,23 +442,21 @@ def _grad_norm_scores(g2: Mapping[str, np.ndarray]) -> LayerScores:
 
 
 def _subspace_scores(features, z, y, permutations: int, seed: int, sketched: Mapping[str, int]) -> LayerScores:
-    from jaxleak.subspace import balanced_groups, p_floor_note, subspace_distance_from_grams, with_verdicts
+    from jaxleak.subspace import balanced_groups, subspace_distance_from_grams, verdict_meta, with_verdicts
 
     index, group = balanced_groups(z, seed=seed, strata=y)
-    scores = {}
-    for i, (name, f) in enumerate(features.items()):
+    scores, nulls = {}, {}
+    for name, f in features.items():
         f = np.asarray(f, np.float64)[index]
-        res = subspace_distance_from_grams(f @ f.T, group, permutations=permutations, seed=seed * 1000003 + i,
+        res = subspace_distance_from_grams(f @ f.T, group, permutations=permutations, seed=seed * 1000003,
                                            strata=y[index])
         value = res.pop("value")
-        res.pop("null")
+        nulls[name] = np.asarray(res.pop("null"), np.float64)
         res["gram_source"] = "count-sketch" if name in sketched else "exact"
         scores[name] = Score(value, None, res)
-    return LayerScores("subspace_distance", with_verdicts(scores), unit="dimensionless", meta={
+    return LayerScores("subspace_distance", with_verdicts(scores, nulls), unit="dimensionless", meta={
         "definition": "D_l = sqrt(mean_i sin^2 theta_i) between the update subspaces of z[victim] = 0 and 1",
-        "signal": "excess = D_l - permutation null mean", "permutations": int(permutations),
-        "detected": "Holm-adjusted p-value over layers (p_holm) below 0.05",
-        "p_floor": p_floor_note(int(permutations), len(scores)),
+        **verdict_meta(int(permutations)),
         "stratified_by_label": True, "sketched_layers": dict(sketched)}, rank_by="excess")
 
 

@@ -622,43 +622,89 @@ def balanced_groups(z, *, seed: int = 0, max_per_group: int | None = None,
     return np.concatenate([np.sort(pairs[:, 0]), np.sort(pairs[:, 1])]), np.repeat(np.array([0, 1]), n)
 
 
-def with_verdicts(scores: dict[str, Score], alpha: float = 0.05) -> dict[str, Score]:
-    """Holm-adjusted permutation p-values over layers, ``detected`` (adjusted p < alpha) and the detectable size.
+def with_verdicts(scores: dict[str, Score], nulls: dict[str, np.ndarray], alpha: float = 0.05) -> dict[str, Score]:
+    """Family-wise verdicts over layers by the Westfall-Young single-step max-T permutation procedure.
 
-    ``detectable`` is the excess that a layer would need for 80% power at
-    Holm's strictest threshold alpha / L, in units of its permutation null's
-    spread: (z_{1 - alpha/L} + z_{0.8}) * null_sd. ``excess_ci`` is the excess
-    +- 1.96 null sd, the band used to call layers tied. With R permutations
-    no p-value is below 1 / (R + 1): with R + 1 <= L / alpha no layer can
-    pass Holm's first threshold (:func:`p_floor_note` says so in the meta).
+    ``nulls[l]`` holds layer l's null distances under the SAME R shuffles of
+    z for every layer. Each layer's statistic is standardised by its own
+    null, t_l = (D_l - mean_l) / sd_l; permutation r gives
+    t_l^r = (D_l^r - mean_l) / sd_l and M_r = max_l t_l^r, and
+
+        p_adjusted_l = (1 + #{r: M_r >= t_l}) / (R + 1)
+
+    controls the family-wise error rate over the layers at any number of
+    layers for a fixed R (the smallest p is 1 / (R + 1) whatever L is).
+    ``detected``: p_adjusted < alpha. ``detectable``: the excess with 80%
+    power, (c + z_0.8) sd_l, where c is the permutation critical value of
+    max-T (None when R is too small for any rejection). Ties: a detected
+    layer is tied with the top layer (the detected layer with the largest
+    excess) when their excess difference lies inside the 95% range of the
+    same permutations' centred differences.
     """
     from scipy.stats import norm
 
-    from jaxleak.scores import holm
-
     names = list(scores)
-    adjusted = holm([scores[n].extras.get("p_value", math.nan) for n in names])
-    tests = sum(1 for p in adjusted if math.isfinite(p))
-    power = float(norm.isf(alpha / max(tests, 1)) + norm.isf(0.2))
+    mean = {n: scores[n].extras.get("null_mean", math.nan) for n in names}
+    sd = {n: scores[n].extras.get("null_sd", math.nan) for n in names}
+    ok = [n for n in names if math.isfinite(scores[n].extras.get("excess", math.nan)) and sd[n] > 0]
+    r = max((np.asarray(nulls[n]).size for n in ok), default=0)
+    t_null = np.full((r, len(ok)), -np.inf)
+    for j, n in enumerate(ok):
+        v = (np.asarray(nulls[n], np.float64) - mean[n]) / sd[n]
+        t_null[:, j] = np.where(np.isfinite(v), v, -np.inf)
+    max_t = t_null.max(axis=1) if ok else np.empty(0)
+    allowed = math.ceil(alpha * (r + 1) - 1) - 1  # exceedances a rejection may have
+    critical = float(np.sort(max_t)[::-1][allowed]) if 0 <= allowed < r else math.nan
+    z_power = float(norm.isf(0.2))
     out = {}
-    for name, p_adj in zip(names, adjusted):
+    for name in names:
         s = scores[name]
-        sd, excess = s.extras.get("null_sd", math.nan), s.extras.get("excess", math.nan)
-        finite = math.isfinite(p_adj)
-        out[name] = Score(s.value, s.ci, {
-            **s.extras, "p_holm": p_adj if finite else None, "detected": bool(finite and p_adj < alpha),
-            "detectable": power * sd if math.isfinite(sd) else None,
-            "excess_ci": [excess - 1.96 * sd, excess + 1.96 * sd] if math.isfinite(sd * excess) else None})
+        extras = {**s.extras, "p_adjusted": None, "detected": False, "detectable": None}
+        if name in ok:
+            t = s.extras["excess"] / sd[name]
+            p_adj = float((1 + np.sum(max_t >= t)) / (r + 1))
+            extras.update(p_adjusted=p_adj, detected=bool(p_adj < alpha),
+                          detectable=(critical + z_power) * sd[name] if math.isfinite(critical) else None)
+        out[name] = Score(s.value, s.ci, extras)
+    detected = [n for n in names if out[n].extras["detected"]]
+    top = max(detected, key=lambda n: out[n].extras["excess"]) if detected else None
+    for name in names:
+        extras = dict(out[name].extras)
+        if top is None or name == top or not extras["detected"]:
+            extras["vs_top"], extras["tied_with_top"] = None, (None if top is None or name == top else False)
+        else:
+            centred = ((np.asarray(nulls[top], np.float64) - mean[top])
+                       - (np.asarray(nulls[name], np.float64) - mean[name]))
+            centred = centred[np.isfinite(centred)]
+            low, high = np.quantile(centred, [0.025, 0.975])
+            diff = out[top].extras["excess"] - extras["excess"]
+            extras["vs_top"] = {"top": top, "difference": float(diff), "null_range": [float(low), float(high)]}
+            extras["tied_with_top"] = bool(diff <= high)
+        out[name] = Score(out[name].value, out[name].ci, extras)
     return out
 
 
-def p_floor_note(permutations: int, layers: int, alpha: float = 0.05) -> str | None:
-    """Why a permutation test may be unable to detect anything at all, or None."""
-    floor = 1.0 / (permutations + 1)
-    if floor * layers < alpha:
+def cannot_reject(permutations: int, alpha: float = 0.05) -> str | None:
+    """Why the permutation test cannot reject for any layer, or None."""
+    if (permutations + 1) * alpha > 1:
         return None
-    return (f"with {permutations} permutations no p-value is below {floor:.3g}, so Holm over {layers} layers "
-            f"cannot reach {alpha} for any layer; use at least {int(math.ceil(layers / alpha))} permutations")
+    return (f"with {permutations} permutations no p-value is below {1 / (permutations + 1):.3g}, so no layer can "
+            f"reach {alpha}; use at least {int(math.ceil(1 / alpha))} permutations")
+
+
+def verdict_meta(permutations: int) -> dict:
+    """The subspace test's description in a measure's meta."""
+    return {
+        "signal": "excess = D_l - permutation null mean",
+        "permutations": int(permutations),
+        "p_value": "(1 + #{null >= D_l}) / (R + 1), per layer, unadjusted",
+        "p_adjusted": "Westfall-Young single-step max-T over layers with the same R shuffles of z for every layer",
+        "detected": "p_adjusted below 0.05: family-wise error rate 0.05 over the layers",
+        "detectable_what": "an excess distance",
+        "ties": "a detected layer is tied with the top layer when their excess difference lies inside the 95% range "
+                "of the permutations' centred differences",
+        "cannot_reject": cannot_reject(int(permutations)),
+    }
 
 
 def subspace_distance(task: Task, x, y, z, *, energy: float = 0.9, rank: int | None = None,
@@ -686,9 +732,9 @@ def subspace_distance(task: Task, x, y, z, *, energy: float = 0.9, rank: int | N
     Returns:
       :class:`LayerScores` ``'subspace_distance'``: ``value`` = D_l in [0, 1];
       extras ``null_mean``, ``null_sd``, ``excess`` (D_l - null mean: the
-      leakage signal), ``p_value``, ``p_holm`` (Holm over layers),
-      ``detected`` (p_holm < 0.05), ``detectable`` (see :func:`with_verdicts`),
-      ``excess_ci``, ``k``, ``n_per_group`` and ``gram_source``.
+      leakage signal), ``p_value``, ``p_adjusted`` (max-T over layers),
+      ``detected`` (p_adjusted < 0.05), ``detectable``, ``tied_with_top``
+      (see :func:`with_verdicts`), ``k``, ``n_per_group`` and ``gram_source``.
     """
     if not (isinstance(energy, (int, float)) and 0 < energy <= 1):
         raise InputError(f"energy must be in (0, 1], got {energy!r}")
@@ -703,12 +749,13 @@ def subspace_distance(task: Task, x, y, z, *, energy: float = 0.9, rank: int | N
         raise InputError(f"latent attribute z has shape {z.shape}; expected ({x.shape[0]},) to match 'x'")
     index, group = balanced_groups(z, seed=seed, max_per_group=max_per_group, strata=y if stratify else None)
     grams, sources = layer_grams(task, x[index], y[index], layers=layers, progress=progress)
-    scores = {}
-    for i, (name, gram) in enumerate(grams.items()):
+    scores, nulls = {}, {}
+    for name, gram in grams.items():
+        # the same shuffles for every layer (the max-T procedure compares layers permutation by permutation)
         res = subspace_distance_from_grams(gram, group, energy=energy, rank=rank, permutations=permutations,
-                                           seed=seed * 1000003 + i, strata=y[index] if stratify else None)
+                                           seed=seed * 1000003, strata=y[index] if stratify else None)
         value = res.pop("value")
-        res.pop("null")
+        nulls[name] = np.asarray(res.pop("null"), np.float64)
         res["gram_source"] = sources[name]
         scores[name] = Score(value, None, res)
     meta = {
@@ -718,10 +765,7 @@ def subspace_distance(task: Task, x, y, z, *, energy: float = 0.9, rank: int | N
         "permutations": int(permutations),
         "stratified_by_label": bool(stratify),
         "seed": int(seed),
-        "signal": "excess = D_l - permutation null mean",
-        "p_value": "(1 + #{null >= D_l}) / (R + 1)",
-        "detected": "Holm-adjusted p-value over layers (p_holm) below 0.05",
-        "p_floor": p_floor_note(int(permutations), len(scores)),
+        **verdict_meta(int(permutations)),
     }
-    return LayerScores("subspace_distance", with_verdicts(scores), unit="dimensionless", meta=meta,
+    return LayerScores("subspace_distance", with_verdicts(scores, nulls), unit="dimensionless", meta=meta,
                        rank_by="excess")

@@ -56,7 +56,7 @@ import jax
 import numpy as np
 
 from jaxleak import ensemble
-from jaxleak.errors import InputError
+from jaxleak.errors import InputError, NonFiniteError
 from jaxleak.grads import apply_sketch, make_sketches
 from jaxleak.scores import LayerScores, Score
 from jaxleak.task import Layer, Task
@@ -117,17 +117,25 @@ def _stack(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(L, N, W) features, zero-padded to the widest layer, each column globally centred and scaled.
 
     The global affine map is undone exactly by the per-fold standardisation
-    in the ensemble; it only keeps the float32 arithmetic well conditioned.
+    in the ensemble; it only keeps the float32 arithmetic well conditioned
+    (every value lies within sqrt(N) of 0, whatever the input's scale).
     Zero padding adds features that are constant, hence ignored: neither the
-    linear nor the MLP family changes.
+    linear nor the MLP family changes. Statistics are computed in float64. A
+    column whose spread is at most :func:`ensemble.constant_floor` of its
+    mean (1e-6 |mean|: a few float32 ulps, rounding rather than signal), or
+    below float32's smallest normal number, is constant and becomes zeros,
+    like padding; the rule is scale invariant, so a layer scaled by any
+    factor that float32 represents gives the same features.
     """
     widths = np.array([a.shape[1] for a in arrays])
     n, width = arrays[0].shape[0], int(widths.max())
     x = np.zeros((len(arrays), n, width), np.float32)
     for i, a in enumerate(arrays):
         a = a.astype(np.float64)
+        mean = a.mean(axis=0)
         sd = a.std(axis=0)
-        x[i, :, : a.shape[1]] = (a - a.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+        varies = (sd > ensemble.constant_floor(mean, 0.0)) & (sd >= np.finfo(np.float32).tiny)
+        x[i, :, : a.shape[1]] = np.where(varies, (a - mean) / np.where(varies, sd, 1.0), 0.0)
     return x, widths
 
 
@@ -164,18 +172,28 @@ def _aux_target(target, aux_target, n_aux: int) -> np.ndarray:
     return np.concatenate([t, ta.astype(t.dtype)])
 
 
-# 80% power at a two-sided 5% level: an effect of (1.96 + 0.84) standard errors is detected 4 times in 5.
-DETECTABLE_SE = 2.8
+# Family-wise error rate of "detected" over the layers of one measure (Holm), and the power that
+# ``detectable`` is stated for.
+ALPHA = 0.05
+POWER = 0.8
 
 
-def _interval(stat, n: int, n_boot: int, rng: np.random.Generator, *arrays) -> dict:
-    """95% percentile bootstrap interval over the scored examples, its standard error, and the verdict."""
-    idx = rng.integers(0, n, size=(n_boot, n))
-    values = stat(*(a[idx] for a in arrays))
-    low, high = np.quantile(values, [0.025, 0.975])
-    se = float(np.std(values, ddof=1)) if n_boot > 1 else float("nan")
-    return {"ci": (float(low), float(high)), "se": se, "detected": bool(low > 0.0),
-            "detectable": DETECTABLE_SE * se}
+def bootstrap_resamples(n_boot: int, layers: int, alpha: float = ALPHA) -> int:
+    """Resamples for the layers' bootstrap p-values: enough that the smallest p-value, 1 / (B + 1), is 20
+    times below Holm's first threshold alpha / L (so the test's power does not collapse with L)."""
+    return int(max(n_boot, math.ceil(20 * layers / alpha)))
+
+
+def _boot(stat, idx: np.ndarray, *arrays) -> np.ndarray:
+    """The statistic on every resample of the scored examples (idx: (B, n), shared by all layers: paired)."""
+    return np.asarray(stat(*(a[idx] for a in arrays)), np.float64)
+
+
+def _test(value: float, boots: np.ndarray) -> dict:
+    """95% percentile interval, bootstrap standard error and one-sided p-value of 'value > 0'."""
+    low, high = np.quantile(boots, [0.025, 0.975])
+    return {"ci": (float(low), float(high)), "se": float(np.std(boots, ddof=1)),
+            "p_value": float((1 + np.sum(boots <= 0.0)) / (boots.size + 1))}
 
 
 def _chosen_members(fit: ensemble.EnsembleFit, layer: int) -> tuple[str, list[str], list[int]]:
@@ -212,13 +230,14 @@ def _learned(fit: ensemble.EnsembleFit, layer: int) -> _Scored:
                    best, extras)
 
 
-def _classification_score(scored: _Scored, y: np.ndarray, rng, n_boot: int) -> Score:
+def _classification_score(scored: _Scored, y: np.ndarray, idx: np.ndarray) -> tuple[Score, np.ndarray]:
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
     ln2 = math.log(2.0)
     y = y[scored.rows]
     diff = (scored.null_loss - scored.loss) / ln2
-    verdict = _interval(lambda d: d.mean(axis=-1), y.size, n_boot, rng, diff)
+    boots = _boot(lambda d: d.mean(axis=-1), idx, diff)
+    verdict = _test(float(diff.mean()), boots)
     prob = np.asarray(scored.pred, np.float64)
     num_classes = prob.shape[-1]
     pred = prob.argmax(axis=1)
@@ -240,7 +259,7 @@ def _classification_score(scored: _Scored, y: np.ndarray, rng, n_boot: int) -> S
         "scored": int(y.size),
         "best_member": scored.member,
         **scored.extras,
-    })
+    }), boots
 
 
 def _image_metrics(recon: np.ndarray, target: np.ndarray, data_range: float) -> dict:
@@ -252,14 +271,16 @@ def _image_metrics(recon: np.ndarray, target: np.ndarray, data_range: float) -> 
             "ssim": float(np.mean(np.asarray(metrics.ssim(recon, images, data_range))))}
 
 
-def _reconstruction_score(scored: _Scored, target: np.ndarray, data_range: float, rng, n_boot: int) -> Score:
+def _reconstruction_score(scored: _Scored, target: np.ndarray, data_range: float,
+                          idx: np.ndarray) -> tuple[Score, np.ndarray]:
     target = target[scored.rows]
     n = target.shape[0]
     dims = int(np.prod(target.shape[1:], dtype=np.int64))
     half_log2 = lambda num, den: 0.5 * np.log2(num / den)  # noqa: E731
     se, null = scored.loss, scored.null_loss
     mse, mse_null = se.sum() / (n * dims), null.sum() / (n * dims)
-    verdict = _interval(lambda a, b: half_log2(a.sum(axis=-1), b.sum(axis=-1)), n, n_boot, rng, null, se)
+    boots = _boot(lambda a, b: half_log2(a.sum(axis=-1), b.sum(axis=-1)), idx, null, se)
+    verdict = _test(float(half_log2(null.sum(), se.sum())), boots)
     extras = {
         **verdict,
         "h_null": float(0.5 * math.log2(2 * math.pi * math.e * mse_null)) if mse_null > 0 else float("-inf"),
@@ -273,7 +294,7 @@ def _reconstruction_score(scored: _Scored, target: np.ndarray, data_range: float
     else:
         extras["psnr"] = float(10 * math.log10(data_range ** 2 / mse)) if mse > 0 else float("inf")
     extras.update({"best_member": scored.member, **scored.extras})
-    return Score(float(half_log2(null.sum(), se.sum())), extras.pop("ci"), extras)
+    return Score(float(half_log2(null.sum(), se.sum())), extras.pop("ci"), extras), boots
 
 
 def _data_range(t: np.ndarray) -> float:
@@ -288,7 +309,15 @@ class _Fitted:
         self.split, self.members, self.widths, self.mlp_features = split, members, widths, mlp_features
 
 
-def _fit(arrays: list[np.ndarray], target, *, n_aux: int, aux_target, family, weight_decays, seeds, folds,
+def _named_layers(message: str, names: Sequence[str]) -> str:
+    """'layer 3' in an ensemble message -> "layer 3 ('Conv_1')"."""
+    import re
+
+    return re.sub(r"layer (\d+)", lambda m: (f"layer {m.group(1)} ({names[int(m.group(1))]!r})"
+                                             if int(m.group(1)) < len(names) else m.group(0)), message)
+
+
+def _fit(arrays: list[np.ndarray], target, *, names: Sequence[str] = (), n_aux: int, aux_target, family, weight_decays, seeds, folds,
          steps, seed, hidden, lr, patience, val_fraction, target_dim, mlp_features, progress) -> _Fitted:
     n = arrays[0].shape[0] - n_aux
     t_all = _aux_target(target, aux_target, n_aux) if n_aux else target
@@ -301,9 +330,12 @@ def _fit(arrays: list[np.ndarray], target, *, n_aux: int, aux_target, family, we
     members = ensemble.make_members(family, weight_decays, seeds, hidden, seed)
     x, widths = _stack(arrays)
     num_classes = int(t.max()) + 1 if kind == ensemble.CLASSIFICATION else None
-    fit = ensemble.fit_ensemble(x, t, split, members, kind=kind, num_classes=num_classes, widths=widths,
-                                steps=steps, lr=lr, patience=patience, target_dim=target_dim,
-                                mlp_features=mlp_features, progress=progress)
+    try:
+        fit = ensemble.fit_ensemble(x, t, split, members, kind=kind, num_classes=num_classes, widths=widths,
+                                    steps=steps, lr=lr, patience=patience, target_dim=target_dim,
+                                    mlp_features=mlp_features, progress=progress)
+    except NonFiniteError as err:
+        raise NonFiniteError(f"V-information: {_named_layers(str(err), names)}") from err
     return _Fitted(kind, t, target_info, fit, split, members, widths,
                    ensemble.mlp_input_width(mlp_features, x.shape[2]))
 
@@ -317,21 +349,91 @@ def _learned_families(family) -> tuple[str, ...]:
     return tuple(f for f in family if f != "inversion")
 
 
+def _composite(learned: _Scored, white: Mapping) -> _Scored:
+    """The learned attack on every scored row, with the white-box member's losses and predictions on its rows."""
+    pos = np.searchsorted(learned.rows, white["rows"])
+    if not np.array_equal(learned.rows[np.minimum(pos, learned.rows.size - 1)], white["rows"]):
+        raise AssertionError("white-box rows are not among the scored rows")
+    loss, pred = np.array(learned.loss, np.float64), np.array(learned.pred, np.float64)
+    loss[pos] = white["loss"]
+    pred[pos] = np.asarray(white["pred"], np.float64).reshape(pred[pos].shape)
+    member = f"{white['member']} on {pos.size} victims; {learned.member} on the others"
+    return _Scored(learned.rows, loss, learned.null_loss, pred, member,
+                   {**learned.extras, **white["extras"], "white_box_victims": int(pos.size)})
+
+
+def family_wise(scores: dict[str, Score], boots: dict[str, np.ndarray], alpha: float = ALPHA) -> dict[str, Score]:
+    """Holm over the layers' bootstrap p-values, the detectable gain, and ties with the top layer.
+
+    ``detected``: Holm-adjusted one-sided p-value (``p_holm``) below alpha,
+    so "detected in k of L layers" has a family-wise error rate of alpha.
+    ``detectable``: the gain with 80% power at Holm's strictest threshold,
+    (z_{1 - alpha/L} + z_{0.8}) bootstrap standard errors. Ties: the top
+    layer is the detected layer with the largest value; another detected
+    layer is tied with it when the 95% paired bootstrap interval of
+    (top - layer) over the same resampled victims contains 0.
+    """
+    from scipy.stats import norm
+
+    from jaxleak.scores import holm
+
+    names = list(scores)
+    adjusted = holm([scores[n].extras.get("p_value", math.nan) for n in names])
+    tests = sum(1 for p in adjusted if math.isfinite(p))
+    z = float(norm.isf(alpha / max(tests, 1)) + norm.isf(1.0 - POWER))
+    out = {}
+    for name, p_adj in zip(names, adjusted):
+        s, finite = scores[name], math.isfinite(p_adj)
+        se = s.extras.get("se", math.nan)
+        out[name] = Score(s.value, s.ci, {**s.extras, "p_holm": p_adj if finite else None,
+                                          "detected": bool(finite and p_adj < alpha),
+                                          "detectable": z * se if math.isfinite(se) else None})
+    detected = [n for n in names if out[n].extras["detected"]]
+    top = max(detected, key=lambda n: out[n].value) if detected else None
+    for name in names:
+        extras = dict(out[name].extras)
+        if top is None or name == top or not extras["detected"]:
+            extras["vs_top"] = None
+            extras["tied_with_top"] = None if top is None or name == top else False
+        else:
+            low, high = np.quantile(boots[top] - boots[name], [0.025, 0.975])
+            extras["vs_top"] = {"top": top, "difference": float(out[top].value - out[name].value),
+                                "ci": [float(low), float(high)]}
+            extras["tied_with_top"] = bool(low <= 0.0)
+        out[name] = Score(out[name].value, out[name].ci, extras)
+    return out
+
+
 def _scores(names: list[str], fitted: _Fitted, *, seed: int, n_boot: int, sketched: dict, sketch_dim: int,
             n_aux: int, folds: int, val_fraction: float, steps: int, lr: float, patience, white_box=None
             ) -> LayerScores:
-    """Score each layer's selected attack (learned, or the white-box one where it won on aux validation)."""
-    rng = np.random.default_rng(seed)
+    """Score each layer's selected attack on every victim (learned, or the composite where the white-box
+    member won on auxiliary rows), with one set of bootstrap resamples shared by all layers."""
     kind, t, fit = fitted.kind, fitted.t, fitted.fit
-    scores = {}
+    resamples = bootstrap_resamples(n_boot, len(names))
+    idx = np.random.default_rng(seed).integers(0, fit.rows.size, size=(resamples, fit.rows.size))
+    scores, boots = {}, {}
     for i, name in enumerate(names):
-        scored = _Scored(**white_box[name]) if white_box and name in white_box else _learned(fit, i)
+        scored = _learned(fit, i)
+        if white_box and name in white_box:
+            learned_only = scored
+            scored = _composite(scored, white_box[name])
         if kind == ensemble.CLASSIFICATION:
-            score = _classification_score(scored, t, rng, n_boot)
+            score, boots[name] = _classification_score(scored, t, idx)
         else:
-            score = _reconstruction_score(scored, t, _data_range(t), rng, n_boot)
-        scores[name] = Score(score.value, score.ci, {**score.extras, "features": int(fitted.widths[i]),
-                                                     "sketched_from": sketched.get(name)})
+            score, boots[name] = _reconstruction_score(scored, t, _data_range(t), idx)
+        extras = {**score.extras, "features": int(fitted.widths[i]), "sketched_from": sketched.get(name)}
+        if fit.constant_columns is not None:
+            extras["constant_columns"] = int(np.max(fit.constant_columns[i]))
+        if white_box and name in white_box:
+            if kind == ensemble.CLASSIFICATION:
+                learned_score, _ = _classification_score(learned_only, t, idx)
+            else:
+                learned_score, _ = _reconstruction_score(learned_only, t, _data_range(t), idx)
+            extras["learned_alone"] = {"value": learned_score.value, "ci": list(learned_score.ci),
+                                       "p_value": learned_score.extras["p_value"]}
+        scores[name] = Score(score.value, score.ci, extras)
+    scores = family_wise(scores, boots)
     estimator = (f"attack models trained and selected on the auxiliary examples' gradients ({folds}-fold "
                  f"cross-validation inside them: one member chosen by its pooled out-of-fold NLL), each victim "
                  f"scored once by the average of the {folds} fold models" if n_aux else
@@ -346,9 +448,16 @@ def _scores(names: list[str], fitted: _Fitted, *, seed: int, n_boot: int, sketch
         "steps_run": int(fit.steps_run), "lr": float(lr), "mlp_features": fitted.mlp_features, "patience": patience,
         "sketch_dim": int(sketch_dim),
         "seed": int(seed),
-        "ci": f"95% percentile bootstrap over the scored examples ({n_boot} resamples)",
-        "detected": "the interval's lower end lies above 0",
-        "detectable": f"{DETECTABLE_SE} bootstrap standard errors (80% power at the 5% level)",
+        "ci": f"95% percentile bootstrap over the scored examples ({resamples} resamples, the same for every "
+              f"layer)",
+        "p_value": "one-sided bootstrap p-value of a positive gain, (1 + #{resampled gain <= 0}) / (B + 1)",
+        "detected": f"Holm-adjusted p-value over the {len(names)} layers (p_holm) below {ALPHA}: family-wise "
+                    f"error rate {ALPHA}",
+        "detectable": f"the attack gain detected with {POWER:.0%} power at Holm's strictest threshold "
+                      f"(z_(1 - {ALPHA}/L) + z_{POWER}) bootstrap standard errors",
+        "detectable_what": "an attack gain",
+        "ties": "a detected layer is tied with the top layer when the 95% paired bootstrap interval of their "
+                "difference contains 0",
         "null": (("Laplace-smoothed class frequencies" if kind == ensemble.CLASSIFICATION
                   else "mean (Gaussian with the best variance)")
                  + (" of the auxiliary examples" if n_aux else " of the training folds")),
@@ -356,6 +465,8 @@ def _scores(names: list[str], fitted: _Fitted, *, seed: int, n_boot: int, sketch
         "target_reduced_to": (int(fit.target_basis.shape[2]) if fit.target_basis is not None else None),
         "mix_weights": [float(w) for w in ensemble.MIX_WEIGHTS] if kind == ensemble.CLASSIFICATION else None,
         "sketched_layers": sorted(sketched),
+        "constant_columns": "columns of the layer's features whose spread on a fold's training rows is at most "
+                            f"{ensemble.CONSTANT_RTOL:g} of their scale: ignored (the most over folds)",
     }
     unit = "bits" if kind == ensemble.CLASSIFICATION else "bits/dim"
     return LayerScores("v_information", scores, unit=unit, meta=meta)
@@ -467,7 +578,8 @@ def v_information_from_features(
     names, arrays = _as_features(features)
     arrays, n_aux = _with_aux(names, arrays, aux_features)
     arrays, sketched = _sketch(names, arrays, int(sketch_dim), seed)
-    fitted = _fit(arrays, target, n_aux=n_aux, aux_target=aux_target, family=learned, weight_decays=weight_decays,
+    fitted = _fit(arrays, target, names=names, n_aux=n_aux, aux_target=aux_target, family=learned,
+                  weight_decays=weight_decays,
                   seeds=seeds, folds=folds, steps=steps, seed=seed, hidden=hidden, lr=lr, patience=patience,
                   val_fraction=val_fraction, target_dim=target_dim, mlp_features=mlp_features, progress=progress)
     return _scores(names, fitted, seed=seed, n_boot=n_boot, sketched=sketched, sketch_dim=sketch_dim, n_aux=n_aux,
@@ -600,7 +712,8 @@ def v_information(
     arrays = features([(x, y)] + ([(aux[0], aux[1])] if aux is not None else []))
     if aux is not None:
         n_aux, aux_target = aux[0].shape[0], aux[2]
-    fitted = _fit(arrays, target, n_aux=n_aux, aux_target=aux_target, family=learned, weight_decays=weight_decays,
+    fitted = _fit(arrays, target, names=names, n_aux=n_aux, aux_target=aux_target, family=learned,
+                  weight_decays=weight_decays,
                   seeds=seeds, folds=folds, steps=steps, seed=seed, hidden=hidden, lr=lr, patience=patience,
                   val_fraction=val_fraction, target_dim=target_dim, mlp_features=mlp_features, progress=progress)
     chosen, info = None, None

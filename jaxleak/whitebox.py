@@ -1,25 +1,32 @@
 """The white-box attack family of V-information: per-layer gradient inversion (docs/method.md section 3).
 
 An attacker who knows the weights can invert a gradient by optimisation.
-Such a predictor is a function of the observed gradient (the weights fixed),
-so it belongs in the predictive family V:
+Such a predictor is a function of the observed gradient of ONE layer (the
+weights fixed), so it belongs in that layer's predictive family V:
 
 - original information: the decoder mean is ``m + a (r_l - m)``, where r_l is
   the Inverting Gradients reconstruction that matches layer l's gradient
-  alone (:func:`jaxleak.attacks.invert_layers`), m the auxiliary examples'
-  mean and a in (0, 1] a shrinkage factor fitted by least squares on
-  auxiliary examples (a raw reconstruction that is worse than the mean
-  still carries information that the shrinkage keeps);
+  alone (:func:`jaxleak.attacks.invert_layers`: the label too comes from
+  g_l, recovered from the last layer's own bias gradient or optimised
+  jointly), m the auxiliary examples' mean and a in [0, 1] a shrinkage
+  factor fitted by least squares on auxiliary examples (a raw
+  reconstruction that is worse than the mean still carries information
+  that the shrinkage keeps);
 - latent information: an attribute classifier (scikit-learn logistic
   regression, its regularisation chosen by cross-validation) trained on the
   auxiliary inputs reads r_l; its probabilities are mixed with the
   auxiliary prior at the weight that is best on auxiliary rows.
 
-The family competes with the learned members on the same auxiliary
-validation rows (``inversion_n`` of them); where it wins, a seeded
-subsample of ``inversion_n`` victims is scored with it. A layer whose fitted
-shrinkage is not positive (its reconstructions point away from the truth)
-is not a member for that layer: scoring it would be scoring the mean.
+Selection never reads a victim's target. The family is compared with the
+learned members on ``inversion_n`` auxiliary validation rows, with the
+shrinkage (or mixing weight) cross-fitted over two halves of those rows, so
+no row is scored by a factor fitted on it. The white-box member is selected
+for a layer only when a paired bootstrap over those rows puts its loss
+below the learned member's (the 95% interval of the per-row differences
+above 0). A selected layer is then scored on ALL victims by the composite
+attack: the white-box member on a seeded subsample of ``inversion_n``
+victims (its shrinkage fitted on all comparison rows), the learned member
+on the others, so every layer is scored on the same victims.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxleak import ensemble
+from jaxleak.errors import InputError
 from jaxleak.task import Task
 
 
@@ -35,22 +43,39 @@ def _reconstruct(task: Task, names, x, y, *, steps: int, restarts: int, seed: in
     from jaxleak.attacks import invert_layers
     from jaxleak.grads import layer_grads
 
-    g = layer_grads(task, x, y)
+    g = layer_grads(task, x, y, layers=list(names))
     results = invert_layers(task, g, layers=list(names), restarts=restarts, steps=steps, seed=seed,
                             progress=progress)
     recon = {name: np.asarray(r.x, np.float64).reshape(x.shape[0], -1) for name, r in results.items()}
-    return recon, next(iter(results.values())).label_source
+    return recon, {name: r.label_source for name, r in results.items()}
 
 
-def _input_member(recon_a, recon_v, xa, xv, mean):
-    """Shrinkage fitted on the aux rows; per-example squared errors on aux and victims, or None if a <= 0."""
-    da, ta = recon_a - mean, xa - mean
-    a = float(np.sum(da * ta) / max(np.sum(da * da), 1e-300))
-    if not a > 0:
-        return None
-    a = min(a, 1.0)
-    mu_a, mu_v = mean + a * da, mean + a * (recon_v - mean)
-    return a, np.sum(np.square(mu_a - xa), axis=1), np.sum(np.square(mu_v - xv), axis=1), mu_v
+def _shrink(recon, target, mean) -> float:
+    """Least-squares factor a in [0, 1] of mean + a (recon - mean) against target (0: the mean itself)."""
+    d, t = recon - mean, target - mean
+    return float(np.clip(np.sum(d * t) / max(np.sum(d * d), 1e-300), 0.0, 1.0))
+
+
+def _halves(m: int, seed: int) -> list[np.ndarray]:
+    order = np.random.default_rng(seed).permutation(m)
+    return [np.sort(order[: m // 2]), np.sort(order[m // 2:])]
+
+
+def _cross_fitted(fit_rule, loss_rule, m: int, seed: int) -> np.ndarray:
+    """Per-row loss where each half of the m comparison rows is scored with the setting fitted on the other."""
+    out = np.empty(m)
+    a, b = _halves(m, seed)
+    for fit_rows, score_rows in ((a, b), (b, a)):
+        out[score_rows] = loss_rule(fit_rule(fit_rows), score_rows)
+    return out
+
+
+def paired_gain(learned: np.ndarray, inversion: np.ndarray, seed: int, resamples: int = 2000):
+    """Mean per-row loss difference learned - inversion and its 95% paired percentile bootstrap interval."""
+    diff = np.asarray(learned, np.float64) - np.asarray(inversion, np.float64)
+    idx = np.random.default_rng(seed).integers(0, diff.size, size=(resamples, diff.size))
+    low, high = np.quantile(diff[idx].mean(axis=1), [0.025, 0.975])
+    return float(diff.mean()), (float(low), float(high))
 
 
 def _attribute_classifier(xa_train, za_train, seed: int):
@@ -61,6 +86,7 @@ def _attribute_classifier(xa_train, za_train, seed: int):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         return LogisticRegressionCV(Cs=6, cv=3, scoring="neg_log_loss", max_iter=500, random_state=seed).fit(xa_train, za_train)
 
 
@@ -80,59 +106,81 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
 
     ``fitted`` is the learned families' fit on the attacker split (victims
     first, then the auxiliary rows); ``aux`` is ``(x_aux, y_aux, target_aux)``.
-    Returns ``({layer: scored fields}, info)``: the fields of the layers where
-    the white-box member was selected, and what was compared for every layer.
+    Returns ``({layer: white-box fields on its victim subsample}, info)``: the
+    fields of the layers where the white-box member was selected (rows,
+    per-row loss and prediction), and what was compared for every layer.
     """
     fit, split, t = fitted.fit, fitted.split, fitted.t
-    xa, ya = aux[0], aux[1]
+    xa = aux[0]
     rng = np.random.default_rng(seed + 1)
     vi = np.sort(rng.choice(n_victims, size=min(int(inversion_n), n_victims), replace=False))
     val_rows = np.flatnonzero(split.val.any(axis=0))
     av_rows = np.sort(rng.choice(val_rows, size=min(int(inversion_n), val_rows.size), replace=False))
     av = av_rows - n_victims
+    m = av.size
+    if m < 4:
+        raise InputError(f"the white-box family needs at least 4 auxiliary comparison rows, got {m}; "
+                         f"raise inversion_n or the auxiliary examples")
     xs = np.concatenate([x[vi], xa[av]])
-    recon, label_source = _reconstruct(task, names, xs, np.concatenate([y[vi], ya[av]]), steps=steps,
+    recon, label_source = _reconstruct(task, names, xs, np.concatenate([y[vi], aux[1][av]]), steps=steps,
                                        restarts=restarts, seed=seed, progress=progress)
     k = vi.size
-    victim_pos = np.searchsorted(fit.rows, vi)  # victims' positions among the scored rows
     latent = fitted.kind == ensemble.CLASSIFICATION
     if latent:
         train_aux = np.setdiff1d(np.arange(xa.shape[0]), av)
         clf = _attribute_classifier(xa[train_aux].reshape(train_aux.size, -1), t[n_victims + train_aux], seed)
         num_classes = fit.null_pred.shape[-1]
         prior = fit.null_pred[0]
+        za, zv = t[av_rows], t[vi]
     else:
         mean = fit.target_mean[0]
-        xv_flat, xa_flat = x[vi].reshape(k, -1), xa[av].reshape(av.size, -1)
+        xv_flat, xa_flat = x[vi].reshape(k, -1), xa[av].reshape(m, -1)
     chosen, layers = {}, {}
     for i, name in enumerate(names):
-        learned_aux = float(fit.val_row_loss[i, av_rows].mean())
+        learned_rows = np.asarray(fit.val_row_loss[i, av_rows], np.float64)
         r_v, r_a = recon[name][:k], recon[name][k:]
-        entry = {"aux_loss_learned": learned_aux}
+        entry = {"aux_loss_learned": float(learned_rows.mean()), "label_source": label_source[name]}
         if latent:
             p_a, p_v = _class_probs(clf, r_a, num_classes), _class_probs(clf, r_v, num_classes)
-            za, zv = t[av_rows], t[vi]
-            losses = [float(_mixed_loss(p_a, za, prior, w).mean()) for w in ensemble.MIX_WEIGHTS]
-            w = ensemble.MIX_WEIGHTS[int(np.argmin(losses))]
-            entry.update(aux_loss_inversion=min(losses), prior_weight=w)
-            if min(losses) < learned_aux:
-                chosen[name] = dict(rows=vi, loss=_mixed_loss(p_v, zv, prior, w), null_loss=fit.null_loss[victim_pos],
-                                    pred=(1.0 - w) * p_v + w * prior[None],
-                                    member="inversion: Inverting Gradients on this layer, attribute classifier",
-                                    extras={"prior_weight": [w]})
+
+            def best_weight(rows, p_a=p_a):
+                losses = [_mixed_loss(p_a[rows], za[rows], prior, w).mean() for w in ensemble.MIX_WEIGHTS]
+                return ensemble.MIX_WEIGHTS[int(np.argmin(losses))]
+
+            inv_rows = _cross_fitted(best_weight, lambda w, rows, p_a=p_a: _mixed_loss(p_a[rows], za[rows], prior, w),
+                                     m, seed)
+            w = best_weight(np.arange(m))
+            entry["prior_weight"] = float(w)
+            victim = dict(loss=_mixed_loss(p_v, zv, prior, w), pred=(1.0 - w) * p_v + w * prior[None],
+                          member="inversion: Inverting Gradients on this layer, attribute classifier",
+                          extras={"prior_weight_inversion": float(w)})
         else:
-            member = _input_member(r_a, r_v, xa_flat, xv_flat, mean)
-            entry["shrink"] = None if member is None else member[0]
-            entry["aux_loss_inversion"] = None if member is None else float(member[1].mean())
-            if member is not None and member[1].mean() < learned_aux:
-                a, _, se_v, mu_v = member
-                chosen[name] = dict(rows=vi, loss=se_v, null_loss=fit.null_loss[victim_pos],
-                                    pred=mu_v.reshape((k,) + x.shape[1:]),
-                                    member=f"inversion: Inverting Gradients on this layer, shrink {a:.3g}",
-                                    extras={"shrink": a})
-        entry["selected"] = name in chosen
+            inv_rows = _cross_fitted(lambda rows, r_a=r_a: _shrink(r_a[rows], xa_flat[rows], mean),
+                                     lambda a, rows, r_a=r_a: np.sum(np.square(mean + a * (r_a[rows] - mean)
+                                                                              - xa_flat[rows]), axis=1),
+                                     m, seed)
+            a = _shrink(r_a, xa_flat, mean)
+            entry["shrink"] = a
+            mu_v = mean + a * (r_v - mean)
+            victim = dict(loss=np.sum(np.square(mu_v - xv_flat), axis=1), pred=mu_v.reshape((k,) + x.shape[1:]),
+                          member=f"inversion: Inverting Gradients on this layer, shrink {a:.3g}",
+                          extras={"shrink": a})
+        gain, ci = paired_gain(learned_rows, inv_rows, seed + 7 * i)
+        entry.update(aux_loss_inversion=float(inv_rows.mean()), aux_gain=gain, aux_gain_ci=list(ci),
+                     selected=bool(ci[0] > 0.0))
+        if entry["selected"]:
+            chosen[name] = dict(rows=vi, **victim)
         layers[name] = entry
-    info = {"victims": int(k), "aux_rows": int(av.size), "steps": int(steps), "restarts": int(restarts),
-            "labels": label_source, "aux_loss": "mean per-example loss on the auxiliary rows "
+    info = {"victims": int(k), "aux_rows": int(m), "steps": int(steps), "restarts": int(restarts),
+            "labels": dict(label_source),
+            "label_rule": "each layer's reconstruction reads its own gradient only: the label is recovered from "
+                          "the last layer's own bias gradient and optimised jointly for every other layer",
+            "selection": "selected where the 95% paired bootstrap interval over the auxiliary comparison rows of "
+                         "(learned loss - white-box loss) lies above 0; the white-box loss of each half of the "
+                         "rows uses the shrinkage or prior weight fitted on the other half",
+            "scoring": "a selected layer is scored on every victim: the white-box member on the victims listed in "
+                       "'victim_rows', the learned member on the others",
+            "victim_rows": vi.tolist(),
+            "aux_loss": "mean per-example loss on the auxiliary rows "
             + ("(nats)" if latent else "(squared error summed over the input)"), "layers": layers}
     return chosen, info

@@ -87,20 +87,31 @@ def test_holm_matches_the_step_down_rule_by_hand():
     assert out[0] == pytest.approx(0.4) and math.isnan(out[1]) and out[2] == pytest.approx(0.9)
 
 
-def _test_entry(layers):
-    return LayerScores("v_information", {k: Score(v, ci, {"detected": ci[0] > 0, "detectable": 0.05})
-                                         for k, (v, ci) in layers.items()}, unit="bits").to_dict()
+def _test_entry(layers, ties=None, meta=None):
+    ties = ties or {}
+    return LayerScores("v_information", {k: Score(v, ci, {"detected": ci[0] > 0, "detectable": 0.05,
+                                                          "tied_with_top": ties.get(k)})
+                                         for k, (v, ci) in layers.items()}, unit="bits", meta=meta).to_dict()
 
 
 def test_verdict_names_top_layers_only_when_detected_and_lists_ties():
     from jaxleak.scores import verdict
 
-    none = verdict(_test_entry({"a": (0.02, (-0.01, 0.05)), "b": (0.03, (-0.02, 0.08))}))
+    none = verdict(_test_entry({"a": (0.02, (-0.01, 0.05)), "b": (0.03, (-0.02, 0.08))},
+                               meta={"detectable_what": "an attack gain"}))
     assert none["top"] is None and none["detected"] == []
-    assert none["text"] == "none detected; this run would detect 0.05 bits or more (80% power, per layer)"
+    assert none["text"] == ("none detected; this run would detect an attack gain of 0.05 bits or more "
+                            "(80% power, family-wise over 2 layers)")
     one = verdict(_test_entry({"a": (0.02, (-0.01, 0.05)), "b": (0.30, (0.2, 0.4)), "c": (0.1, (0.05, 0.15))}))
     assert one["top"] == ["b"] and one["detected"] == ["b", "c"]
-    # overlapping intervals tie with the top layer (detected or not); a disjoint one does not
-    tie = verdict(_test_entry({"a": (0.25, (-0.1, 0.6)), "b": (0.30, (0.2, 0.4)), "c": (0.1, (0.05, 0.15))}))
-    assert tie["top"] == ["b", "a"] and "tied with a" in tie["text"]
+    # a tie is the measure's paired decision (tied_with_top), and only a detected layer can tie;
+    # overlapping marginal intervals alone decide nothing
+    tie = verdict(_test_entry({"a": (0.25, (-0.1, 0.6)), "b": (0.30, (0.2, 0.4)), "c": (0.1, (0.05, 0.15))},
+                              ties={"a": True, "c": True}))
+    assert tie["top"] == ["b", "c"] and "tied with c" in tie["text"] and "a" not in tie["top"]
+    overlap = verdict(_test_entry({"b": (0.30, (0.2, 0.4)), "c": (0.25, (0.15, 0.35))}, ties={"c": False}))
+    assert overlap["top"] == ["b"]
     assert _test_entry({"a": (0.02, (-0.01, 0.05))})["top"] is None
+    cannot = verdict(_test_entry({"a": (0.02, (-0.01, 0.05))}, meta={"cannot_reject": "too few permutations"}))
+    assert cannot["text"] == "none detected; this run cannot detect anything: too few permutations"
+    assert "0.05" not in cannot["text"]
