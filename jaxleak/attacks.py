@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -617,12 +618,17 @@ def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Seque
     and ``max_floats``: the floats one call's per-example gradients may hold
     (default: 2^28 on the CPU, a fraction of the free memory on an
     accelerator); layers and victims are split into calls to stay within it,
-    with the same random starts, so the results do not depend on the split.
+    with the same random starts, so the results do not depend on the split;
+    and ``budget_s``: seconds after which no further call starts (a call
+    starts only if the mean time of the calls so far still fits); the
+    layers of calls not started are missing from the result.
     """
     options = {"method": "ig", "restarts": 8, "steps": None, "lr": None, "tv": None, "labels": None,
                "batch_size": 1, "local_steps": 1, "local_lr": 0.1, "seed": 0, "progress": False,
-               "max_floats": None, **options}
+               "max_floats": None, "budget_s": None, **options}
     max_floats = options.pop("max_floats")
+    budget_s = options.pop("budget_s")
+    started, spent = time.perf_counter(), []
     update, _ = _as_update_batch(task, target_update)
     sel = _matched_layers(task, update, layers)
     last = task.layers[-1].name
@@ -630,7 +636,8 @@ def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Seque
     if options["labels"] is None:
         own_label = int(options["batch_size"]) == 1 and _has_output_bias(task)
         recovered = [name for name in groups[0] if own_label and name == last]
-        groups = [g for g in (recovered, [name for name in groups[0] if name not in recovered]) if g]
+        # forward order: with a time budget the first layers, where inversion usually wins, go first
+        groups = [g for g in ([name for name in groups[0] if name not in recovered], recovered) if g]
     victims = next(iter(update.values())).shape[0]
     restarts, batch = _positive_int("restarts", options["restarts"]), _positive_int("batch_size", options["batch_size"])
     starts = _starts(task, victims, restarts, batch, int(options["seed"]))
@@ -643,6 +650,11 @@ def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Seque
         if labels is None and group != [last]:
             labels = "optimize"  # a layer's own gradient holds its label only through the optimisation
         for chunk, rows in _attack_plan(task, group, victims, restarts * batch, budget):
+            if budget_s is not None and spent:
+                elapsed = time.perf_counter() - started
+                if elapsed + float(np.mean(spent)) > budget_s:
+                    continue  # this call would overrun the time budget: its layers are not attacked
+            t0 = time.perf_counter()
             keep = set(chunk) | ({last} if labels is None else set())
             parts = []
             for v in rows:
@@ -653,7 +665,8 @@ def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Seque
                 parts.append(results)
             for i, layer in enumerate(picked):
                 out[layer.name] = _concat_victims([p[i] for p in parts])
-    return {layer.name: out[layer.name] for layer in sel}
+            spent.append(time.perf_counter() - t0)
+    return {layer.name: out[layer.name] for layer in sel if layer.name in out}
 
 
 # float32 values that the per-example gradients of one attack call may hold on the CPU (1 GiB); on an

@@ -69,6 +69,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inversion-n", type=int,
                    help="victims (and auxiliary rows) of the white-box inversion family of V-information; default 32")
     p.add_argument("--inversion-steps", type=int, help="Inverting Gradients steps of that family; default 200")
+    p.add_argument("--inversion-budget", metavar="SECONDS|auto|none",
+                   help="time for that family: no further group of layers starts once it would be overrun; "
+                        "auto (default): the time of the run's other measures, at least 60 s; none: no limit "
+                        "(the same layers are inverted on any machine)")
     p.add_argument("--chunk-size", type=int, help="examples per compiled chunk (memory bound)")
     p.add_argument("--params", metavar="FILE", help="model parameters: flax msgpack file or orbax checkpoint folder")
     p.add_argument("--devices", type=int, help="shard examples over this many devices (jax.sharding.Mesh); default 1")
@@ -83,7 +87,7 @@ _RUN_FLAGS = {
     "permutations": "permutations", "sketch_dim": "sketch_dim", "chunk_size": "chunk_size", "params": "params",
     "devices": "devices", "vinfo_steps": "vinfo_steps", "vinfo_folds": "vinfo_folds", "aux_n": "aux_n",
     "train_fraction": "train_fraction", "inversion_n": "inversion_n", "inversion_steps": "inversion_steps",
-    "preset": "preset",
+    "inversion_budget": "inversion_budget", "preset": "preset",
 }
 
 

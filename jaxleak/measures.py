@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from jaxleak import defaults
 from jaxleak.errors import UnknownNameError
 from jaxleak.scores import LayerScores
 from jaxleak.task import Task
@@ -44,14 +45,14 @@ def _grad_norm(task, x, y, z, opts, progress):
 def _sensitivity(task, x, y, z, opts, progress):
     from jaxleak.sensitivity import sensitivity
 
-    return sensitivity(task, x, y, probes=opts.get("probes", 16), seed=opts.get("seed", 0),
+    return sensitivity(task, x, y, probes=opts.get("probes", defaults.PROBES), seed=opts.get("seed", 0),
                        chunk_size=opts.get("chunk_size"), noise_std=opts.get("noise_std"), progress=progress)
 
 
 def _subspace(task, x, y, z, opts, progress):
     from jaxleak.subspace import subspace_distance
 
-    return subspace_distance(task, x, y, z, permutations=opts.get("permutations", 20), seed=opts.get("seed", 0),
+    return subspace_distance(task, x, y, z, permutations=opts.get("permutations", defaults.PERMUTATIONS), seed=opts.get("seed", 0),
                              progress=progress)
 
 
@@ -63,11 +64,14 @@ def _vinfo(target_kind: str):
         aux = opts.get("aux")
         if aux is not None:
             aux = tuple(aux) if target_kind == "latent" else tuple(aux[:2])
-        return v_information(task, x, y, target, aux=aux, sketch_dim=opts.get("sketch_dim", 1024),
-                             seed=opts.get("seed", 0), steps=opts.get("vinfo_steps", 150),
-                             patience=opts.get("vinfo_patience", 50),
-                             folds=opts.get("vinfo_folds", 3), inversion_n=opts.get("inversion_n", 32),
-                             inversion_steps=opts.get("inversion_steps", 200), chunk_size=opts.get("chunk_size"),
+        return v_information(task, x, y, target, aux=aux, sketch_dim=opts.get("sketch_dim", defaults.SKETCH_DIM),
+                             seed=opts.get("seed", 0), steps=opts.get("vinfo_steps", defaults.VINFO_STEPS),
+                             patience=opts.get("vinfo_patience", defaults.VINFO_PATIENCE),
+                             folds=opts.get("vinfo_folds", defaults.VINFO_FOLDS),
+                             inversion_n=opts.get("inversion_n", defaults.INVERSION_N),
+                             inversion_steps=opts.get("inversion_steps", defaults.INVERSION_STEPS),
+                             inversion_budget_s=opts.get("inversion_budget_s", "auto"),
+                             chunk_size=opts.get("chunk_size"),
                              progress=progress)
 
     return compute

@@ -7,6 +7,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from jaxleak import defaults
 from jaxleak import io
 from jaxleak import measures as measures_lib
 from jaxleak.errors import InputError
@@ -59,7 +60,8 @@ class LeakageMonitor:
         self.measures = [measures_lib.get(m) for m in measures]
         self.every = int(every)
         self.out = out
-        self.options = {"seed": 0, "chunk_size": None, "probes": 16, "permutations": 20, "sketch_dim": 1024,
+        self.options = {"seed": 0, "chunk_size": None, "probes": defaults.PROBES,
+                        "permutations": defaults.PERMUTATIONS, "sketch_dim": defaults.SKETCH_DIM,
                         **dict(options or {})}
         x = np.asarray(probe_x, dtype=np.float32)
         if x.ndim < 2:

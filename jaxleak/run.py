@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import difflib
 import json
+import math
 import os
 import platform
 import re
@@ -27,7 +28,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxleak import compilation
+from jaxleak import compilation, defaults
 from jaxleak import data as data_lib
 from jaxleak import io
 from jaxleak import measures as measures_lib
@@ -59,14 +60,15 @@ class RunConfig:
     latent: str = "thickness"
     measures: tuple[str, ...] = ()
     chunk_size: int | None = None
-    probes: int = 16
-    permutations: int = 100
-    sketch_dim: int = 1024
-    vinfo_steps: int = 150
-    vinfo_folds: int = 3
-    vinfo_patience: int = 50
-    inversion_n: int = 32
-    inversion_steps: int = 200
+    probes: int = defaults.PROBES
+    permutations: int = defaults.PERMUTATIONS
+    sketch_dim: int = defaults.SKETCH_DIM
+    vinfo_steps: int = defaults.VINFO_STEPS
+    vinfo_folds: int = defaults.VINFO_FOLDS
+    vinfo_patience: int = defaults.VINFO_PATIENCE
+    inversion_n: int = defaults.INVERSION_N
+    inversion_steps: int = defaults.INVERSION_STEPS
+    inversion_budget: str = "auto"
     params: str | None = None
     devices: int = 1
     preset: str | None = None
@@ -211,6 +213,7 @@ def prepare(config: RunConfig, *, progress: bool = True) -> Prepared:
             raise InputError(f"{name} must be >= 1, got {getattr(config, name)}")
     if config.permutations < 2:
         raise InputError(f"permutations must be >= 2, got {config.permutations}")
+    inversion_budget(config, 0.0)
     if config.aux_n < 0:
         raise InputError(f"aux_n must be >= 0 (0: no auxiliary data, cross-fit over the victims), got {config.aux_n}")
     if config.epochs < 0:
@@ -382,6 +385,8 @@ def _run(config: RunConfig, out: str, resume: bool, progress: bool, on_measure, 
                 timing[key + "_s"] = entry.get("seconds")
             else:
                 t0 = time.time()
+                others = sum(v for k, v in timing.items() if k.endswith("_s") and k != "prepare_s" and v)
+                opts["inversion_budget_s"] = inversion_budget(config, others)
                 scores = _compute(key, prep, opts, progress, out)
                 entry = scores.to_dict()
                 entry["seconds"] = time.time() - t0
@@ -536,6 +541,23 @@ def _out_of_memory_message(key: str, prep: Prepared, read: set[str], err: BaseEx
     flags = [f"{flag} N" for option, flag in _MEMORY_FLAGS if option in read] or ["--n N (fewer victims)"]
     return (f"out of memory in {key} ({', '.join(what)}); try {' or '.join(flags)}; "
             f"the finished measures are kept: continue with --resume {out}")
+
+
+def inversion_budget(config: RunConfig, others_s: float) -> float | None:
+    """Seconds for the white-box family (None: no limit): ``auto`` is the other measures' time, at least 60 s."""
+    text = str(config.inversion_budget).strip().lower()
+    if text == "auto":
+        return max(60.0, float(others_s))
+    if text == "none":
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InputError(f"inversion_budget must be a positive number of seconds, 'auto' or 'none', "
+                         f"got {config.inversion_budget!r}")
+    return seconds
 
 
 def measure_options(config: RunConfig) -> dict:

@@ -193,6 +193,8 @@ def verdict(entry: Mapping) -> dict:
     detected = [name for name, layer in layers.items() if layer.get("detected")]
     detectable = {name: layer.get("detectable") for name, layer in layers.items()}
     suffix = f"; undefined in {', '.join(undefined)}" if undefined else ""
+    if meta.get("verdict_note"):
+        suffix += f"; note: {meta['verdict_note']}"
     if not detected:
         sizes = [v for v in detectable.values() if v is not None and math.isfinite(v)]
         what = meta.get("detectable_what", "an effect")

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxleak import compilation
+from jaxleak import compilation, defaults
 from jaxleak import grads as _grads
 from jaxleak.errors import InputError
 from jaxleak.scores import LayerScores, Score
@@ -343,7 +343,7 @@ def _noise_levels(noise_std, names: Sequence[str]) -> dict[str, float | None]:
     return {name: (float(s) if s is not None else None) for name, s in levels.items()}
 
 
-def sensitivity(task: Task, x, y, *, method: str = "hutchinson", probes: int = 16, seed: int = 0,
+def sensitivity(task: Task, x, y, *, method: str = "hutchinson", probes: int = defaults.PROBES, seed: int = 0,
                 chunk_size: int | None = None, noise_std=None, layers: Sequence[str] | None = None,
                 progress: bool = False) -> LayerScores:
     """Per-layer Jacobian sensitivity (original information), docs/method.md section 4.
@@ -363,7 +363,7 @@ def sensitivity(task: Task, x, y, *, method: str = "hutchinson", probes: int = 1
       layers: a subset of layer names (default: all).
 
     Returns:
-      :class:`LayerScores` ``'sensitivity'``: ``value`` = R_l (dimensionless)
+      :class:`LayerScores` ``'sensitivity'``: ``value`` = R_l (1 / input unit)
       with a 95% ``ci`` over examples (probe noise included); extras ``raw``
       (S_l, gradient units per input unit) and ``raw_ci``, ``grad_norm``
       (sqrt mean ||g_l||^2), for Hutchinson ``probe_ci``/``raw_probe_ci`` (the
@@ -395,4 +395,4 @@ def sensitivity(task: Task, x, y, *, method: str = "hutchinson", probes: int = 1
                         "identically zero on the last layer under softmax cross-entropy")
     if noise_std is not None:
         meta["fisher"] = "mean_x ||J_l||_F^2 / sigma_l^2: trace of the Fisher information about x (noise-normalised)"
-    return LayerScores("sensitivity", scores, unit="dimensionless", meta=meta)
+    return LayerScores("sensitivity", scores, unit="1/input unit", meta=meta)

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxleak import defaults
 from jaxleak import data as data_lib
 from jaxleak import defenses as defenses_lib
 from jaxleak import grads as grads_lib
@@ -108,11 +109,11 @@ class StudyConfig:
     latent: str = "thickness"
     measures: tuple[str, ...] = MEASURES
     probes: int = 8
-    permutations: int = 100
-    sketch_dim: int = 1024
-    vinfo_steps: int = 150
-    vinfo_folds: int = 3
-    vinfo_patience: int = 50
+    permutations: int = defaults.PERMUTATIONS
+    sketch_dim: int = defaults.SKETCH_DIM
+    vinfo_steps: int = defaults.VINFO_STEPS
+    vinfo_folds: int = defaults.VINFO_FOLDS
+    vinfo_patience: int = defaults.VINFO_PATIENCE
     vinfo_boot: int = 200
     local_lr: float = 0.01
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -413,7 +414,7 @@ def update_sensitivity(task: Task, x, y, *, defense=None, batch_size: int = 1, l
         unit = "1/input_unit^2"
     else:
         meta["headline"] = "R_l = sqrt(mean ||J_l||_F^2 / mean ||u_l||^2)"
-        unit = "dimensionless"
+        unit = "1/input unit"
     return LayerScores("sensitivity", scores, unit=unit, meta=meta)
 
 

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from jaxleak import compilation
+from jaxleak import compilation, defaults
 from jaxleak import grads as _grads
 from jaxleak.errors import InputError
 from jaxleak.scores import LayerScores, Score
@@ -143,7 +143,7 @@ def _shuffle(z: np.ndarray, strata: np.ndarray | None, rng: np.random.Generator)
 
 
 def subspace_distance_from_grams(gram, z, *, energy: float = 0.9, rank: int | None = None,
-                                 permutations: int = 20, seed: int = 0, strata=None) -> dict:
+                                 permutations: int = defaults.PERMUTATIONS, seed: int = 0, strata=None) -> dict:
     """D, its permutation null and p-value from one pooled Gram matrix.
 
     Args:
@@ -708,7 +708,8 @@ def verdict_meta(permutations: int) -> dict:
 
 
 def subspace_distance(task: Task, x, y, z, *, energy: float = 0.9, rank: int | None = None,
-                      permutations: int = 20, seed: int = 0, layers: Sequence[str] | None = None,
+                      permutations: int = defaults.PERMUTATIONS, seed: int = 0,
+                      layers: Sequence[str] | None = None,
                       progress: bool = False, max_per_group: int | None = None,
                       stratify: bool = True) -> LayerScores:
     """Per-layer subspace distance between the gradients of z = 0 and z = 1 (latent information).

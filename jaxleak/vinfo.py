@@ -14,17 +14,20 @@ measured examples (each scored once by a model that never saw it).
 
 **Honest estimates.** The estimate is the held-out gain of the selected attack
 model over the null, raw, with a 95% percentile bootstrap interval over the
-scored examples; it can be negative, and a weak attack is never replaced by
-the null (an exact 0 would be a false all-clear). ``detected`` is the
-interval lying above 0; where it does not, ``detectable`` (2.8 bootstrap
-standard errors: 80% power at the 5% level) says how large an effect this
-run could have detected.
+scored examples (the same resamples for every layer: paired); it can be
+negative, and a weak attack is never replaced by the null (an exact 0 would
+be a false all-clear). ``detected`` controls the family-wise error rate
+over the layers at 5% (Holm on one-sided bootstrap p-values, ``p_holm``);
+where nothing is detected, ``detectable`` (the attack gain with 80% power
+at Holm's strictest threshold) says how large an effect this run could have
+detected. A detected layer is tied with the top layer when the paired
+bootstrap interval of their difference contains 0.
 
 - Classification (integer target, e.g. a latent attribute): softmax
   classifiers; H_V(T|0) is the cross-entropy of the scored labels under the
   attacker's Laplace-smoothed class frequencies. Bits per example. The
   chosen classifier's probabilities are mixed with those frequencies at a
-  weight (0.001 to 0.3) chosen on validation, which bounds what one
+  weight (0.001 to 0.9, ``ensemble.MIX_WEIGHTS``) chosen on validation, which bounds what one
   confidently wrong prediction can cost (``prior_weight``).
 - Reconstruction (floating target, e.g. the input): Gaussian decoders
   N(t; mu(g), s^2 I) with the best s, whose NLL is (D/2) log(2 pi e MSE / D);
@@ -55,7 +58,7 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
-from jaxleak import ensemble
+from jaxleak import defaults, ensemble
 from jaxleak.errors import InputError, NonFiniteError
 from jaxleak.grads import apply_sketch, make_sketches
 from jaxleak.scores import LayerScores, Score
@@ -504,15 +507,15 @@ def v_information_from_features(
     family: Sequence[str] = ("linear", "mlp"),
     weight_decays: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1),
     seeds: int = 2,
-    folds: int = 5,
-    sketch_dim: int = 1024,
-    steps: int = 300,
+    folds: int = defaults.VINFO_FOLDS,
+    sketch_dim: int = defaults.SKETCH_DIM,
+    steps: int = defaults.VINFO_STEPS,
     seed: int = 0,
     hidden: int = 32,
     lr: float = 0.05,
-    patience: int | None = 100,
+    patience: int | None = defaults.VINFO_PATIENCE,
     val_fraction: float = 0.2,
-    n_boot: int = 1000,
+    n_boot: int = defaults.VINFO_BOOT,
     target_dim: int | None = 128,
     mlp_features: int | None = 256,
     progress: bool = False,
@@ -624,20 +627,21 @@ def v_information(
     family: Sequence[str] | None = None,
     weight_decays: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1),
     seeds: int = 2,
-    folds: int = 5,
-    sketch_dim: int = 1024,
-    steps: int = 300,
+    folds: int = defaults.VINFO_FOLDS,
+    sketch_dim: int = defaults.SKETCH_DIM,
+    steps: int = defaults.VINFO_STEPS,
     seed: int = 0,
     hidden: int = 32,
     lr: float = 0.05,
-    patience: int | None = 100,
+    patience: int | None = defaults.VINFO_PATIENCE,
     val_fraction: float = 0.2,
-    n_boot: int = 1000,
+    n_boot: int = defaults.VINFO_BOOT,
     target_dim: int | None = 128,
     mlp_features: int | None = 256,
-    inversion_n: int = 32,
-    inversion_steps: int = 200,
+    inversion_n: int = defaults.INVERSION_N,
+    inversion_steps: int = defaults.INVERSION_STEPS,
     inversion_restarts: int = 1,
+    inversion_budget_s: float | str | None = "auto",
     chunk_size: int | None = None,
     layers: Sequence[str] | None = None,
     progress: bool = False,
@@ -667,9 +671,18 @@ def v_information(
     trained on the auxiliary inputs reads it. Per layer it competes with the
     learned members on ``inversion_n`` auxiliary validation rows; where it
     wins, ``inversion_n`` victims (a seeded subsample) are scored with it
-    (``meta["inversion"]`` says which). The other options are those of
-    :func:`v_information_from_features`.
+    (``meta["inversion"]`` says which). ``inversion_budget_s`` bounds the
+    white-box family's time: layers are inverted in forward order (a first
+    Dense layer in closed form, at no cost) and no further group of layers
+    starts once the budget would be overrun; ``"auto"`` is the larger of
+    30 s and twice the time this call spent before the inversion, None no
+    limit. ``meta["inversion"]["skipped"]`` lists the layers not inverted
+    and the verdict says the white-box family was cut short. The other
+    options are those of :func:`v_information_from_features`.
     """
+    import time
+
+    started = time.perf_counter()
     _check_options(sketch_dim, folds, n_boot, steps)
     x, y = task.check_inputs(x, y)
     latent = not isinstance(target, str)
@@ -720,12 +733,23 @@ def v_information(
     if white_box:
         from jaxleak.whitebox import inversion_family
 
+        budget = inversion_budget_s
+        if budget == "auto":
+            budget = max(30.0, 2.0 * (time.perf_counter() - started))
+        elif budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
+            raise InputError(f"inversion_budget_s must be a positive number of seconds, 'auto' or None, "
+                             f"got {inversion_budget_s!r}")
         chosen, info = inversion_family(task, names, fitted, x, y, aux, n_victims=x.shape[0],
                                         inversion_n=inversion_n, steps=inversion_steps,
-                                        restarts=inversion_restarts, seed=seed, progress=progress)
+                                        restarts=inversion_restarts, seed=seed, progress=progress,
+                                        budget_s=None if budget is None else float(budget))
     scores = _scores(names, fitted, seed=seed, n_boot=n_boot, sketched=sketched, sketch_dim=sketch_dim,
                      n_aux=n_aux, folds=folds, val_fraction=val_fraction, steps=steps, lr=lr, patience=patience,
                      white_box=chosen)
     if info is not None:
         scores.meta["inversion"] = info
+        if info["skipped"]:
+            scores.meta["verdict_note"] = (f"the white-box family was cut short by its time budget "
+                                           f"({info['budget_s']:.0f} s): {len(info['skipped'])} of {len(names)} "
+                                           f"layers not inverted")
     return scores

@@ -38,16 +38,65 @@ from jaxleak.errors import InputError
 from jaxleak.task import Task
 
 
-def _reconstruct(task: Task, names, x, y, *, steps: int, restarts: int, seed: int, progress: bool):
-    """(k, D) Inverting Gradients reconstruction of each example per layer, from that layer's gradient alone."""
+def closed_form_layer(task: Task) -> str | None:
+    """The first layer when its gradient reveals the input in closed form, else None.
+
+    A first Dense layer with a bias, reading the flattened input: for one
+    example its kernel gradient is outer(x, delta) and its bias gradient
+    delta, so every column j with delta_j != 0 gives x = grad_kernel[:, j] /
+    delta_j exactly (no optimisation, no label needed).
+    """
+    first = task.layers[0]
+    d = int(np.prod(task.input_shape))
+    names = [path.split("/")[-1] for path in first.paths]
+    if sorted(names) != ["bias", "kernel"]:
+        return None
+    kernel, bias = first.shapes[names.index("kernel")], first.shapes[names.index("bias")]
+    if len(kernel) != 2 or kernel[0] != d or bias != (kernel[1],):
+        return None
+    return first.name
+
+
+def _closed_form(task: Task, g: np.ndarray) -> np.ndarray:
+    """(k, D) inputs of the first Dense layer from its per-example gradients (k, P) (see closed_form_layer)."""
+    first = task.layers[0]
+    names = [path.split("/")[-1] for path in first.paths]
+    offsets = np.cumsum([0] + [int(np.prod(shape)) for shape in first.shapes])
+    parts = {name: g[:, offsets[i]:offsets[i + 1]] for i, name in enumerate(names)}
+    kernel = parts["kernel"].reshape(g.shape[0], *first.shapes[names.index("kernel")])
+    bias = parts["bias"]
+    j = np.argmax(np.abs(bias), axis=1)
+    delta = bias[np.arange(g.shape[0]), j]
+    column = kernel[np.arange(g.shape[0]), :, j]
+    safe = np.where(np.abs(delta) > 0, delta, 1.0)
+    return np.where(np.abs(delta)[:, None] > 0, column / safe[:, None], 0.0).astype(np.float64)
+
+
+def _reconstruct(task: Task, names, x, y, *, steps: int, restarts: int, seed: int, progress: bool,
+                 budget_s: float | None = None):
+    """Per layer, (k, D) reconstruction of each example from that layer's gradient alone, and how it was made.
+
+    The first Dense layer's input comes in closed form; the other layers run Inverting Gradients (one
+    jitted computation per group of layers, within ``budget_s`` seconds: layers of groups not started for
+    the budget are absent from the result).
+    """
     from jaxleak.attacks import invert_layers
     from jaxleak.grads import layer_grads
 
     g = layer_grads(task, x, y, layers=list(names))
-    results = invert_layers(task, g, layers=list(names), restarts=restarts, steps=steps, seed=seed,
-                            progress=progress)
-    recon = {name: np.asarray(r.x, np.float64).reshape(x.shape[0], -1) for name, r in results.items()}
-    return recon, {name: r.label_source for name, r in results.items()}
+    recon, how = {}, {}
+    closed = closed_form_layer(task)
+    if closed in names:
+        recon[closed] = _closed_form(task, np.asarray(g[closed], np.float64))
+        how[closed] = "closed form"
+    rest = [name for name in names if name not in recon]
+    if rest:
+        results = invert_layers(task, {name: g[name] for name in rest}, layers=rest, restarts=restarts, steps=steps,
+                                seed=seed, progress=progress, budget_s=budget_s)
+        for name, r in results.items():
+            recon[name] = np.asarray(r.x, np.float64).reshape(x.shape[0], -1)
+            how[name] = r.label_source
+    return recon, how
 
 
 def _shrink(recon, target, mean) -> float:
@@ -101,7 +150,7 @@ def _mixed_loss(p, codes, prior, weight):
 
 
 def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, inversion_n: int, steps: int,
-                     restarts: int, seed: int, progress: bool = False):
+                     restarts: int, seed: int, progress: bool = False, budget_s: float | None = None):
     """Per layer, the white-box member where it beats the learned ones on auxiliary validation rows.
 
     ``fitted`` is the learned families' fit on the attacker split (victims
@@ -122,8 +171,12 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
         raise InputError(f"the white-box family needs at least 4 auxiliary comparison rows, got {m}; "
                          f"raise inversion_n or the auxiliary examples")
     xs = np.concatenate([x[vi], xa[av]])
+    import time
+
+    t0 = time.perf_counter()
     recon, label_source = _reconstruct(task, names, xs, np.concatenate([y[vi], aux[1][av]]), steps=steps,
-                                       restarts=restarts, seed=seed, progress=progress)
+                                       restarts=restarts, seed=seed, progress=progress, budget_s=budget_s)
+    spent = time.perf_counter() - t0
     k = vi.size
     latent = fitted.kind == ensemble.CLASSIFICATION
     if latent:
@@ -136,8 +189,13 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
         mean = fit.target_mean[0]
         xv_flat, xa_flat = x[vi].reshape(k, -1), xa[av].reshape(m, -1)
     chosen, layers = {}, {}
+    skipped = [name for name in names if name not in recon]
     for i, name in enumerate(names):
         learned_rows = np.asarray(fit.val_row_loss[i, av_rows], np.float64)
+        if name in skipped:
+            layers[name] = {"aux_loss_learned": float(learned_rows.mean()), "selected": False,
+                            "skipped": "not inverted: the white-box time budget was spent"}
+            continue
         r_v, r_a = recon[name][:k], recon[name][k:]
         entry = {"aux_loss_learned": float(learned_rows.mean()), "label_source": label_source[name]}
         if latent:
@@ -152,7 +210,7 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
             w = best_weight(np.arange(m))
             entry["prior_weight"] = float(w)
             victim = dict(loss=_mixed_loss(p_v, zv, prior, w), pred=(1.0 - w) * p_v + w * prior[None],
-                          member="inversion: Inverting Gradients on this layer, attribute classifier",
+                          member="inversion: this layer's reconstruction read by an attribute classifier",
                           extras={"prior_weight_inversion": float(w)})
         else:
             inv_rows = _cross_fitted(lambda rows, r_a=r_a: _shrink(r_a[rows], xa_flat[rows], mean),
@@ -163,7 +221,9 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
             entry["shrink"] = a
             mu_v = mean + a * (r_v - mean)
             victim = dict(loss=np.sum(np.square(mu_v - xv_flat), axis=1), pred=mu_v.reshape((k,) + x.shape[1:]),
-                          member=f"inversion: Inverting Gradients on this layer, shrink {a:.3g}",
+                          member=(f"inversion: the layer's input in closed form, shrink {a:.3g}"
+                                  if label_source[name] == "closed form" else
+                                  f"inversion: Inverting Gradients on this layer, shrink {a:.3g}"),
                           extras={"shrink": a})
         gain, ci = paired_gain(learned_rows, inv_rows, seed + 7 * i)
         entry.update(aux_loss_inversion=float(inv_rows.mean()), aux_gain=gain, aux_gain_ci=list(ci),
@@ -172,9 +232,10 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
             chosen[name] = dict(rows=vi, **victim)
         layers[name] = entry
     info = {"victims": int(k), "aux_rows": int(m), "steps": int(steps), "restarts": int(restarts),
-            "labels": dict(label_source),
-            "label_rule": "each layer's reconstruction reads its own gradient only: the label is recovered from "
-                          "the last layer's own bias gradient and optimised jointly for every other layer",
+            "labels": dict(label_source), "budget_s": budget_s, "seconds": spent, "skipped": skipped,
+            "label_rule": "each layer's reconstruction reads its own gradient only: a first Dense layer gives its "
+                          "input in closed form; otherwise the label is recovered from the last layer's own bias "
+                          "gradient and optimised jointly for every other layer",
             "selection": "selected where the 95% paired bootstrap interval over the auxiliary comparison rows of "
                          "(learned loss - white-box loss) lies above 0; the white-box loss of each half of the "
                          "rows uses the shrinkage or prior weight fitted on the other half",

@@ -43,8 +43,10 @@ def test_layers_that_inversion_breaks_are_detected(setting, input_scores):
     assert "inversion" in scores.meta["members"]
     info = scores.meta["inversion"]
     assert info["victims"] == 32 and len(info["victim_rows"]) == 32 and scores.meta["victims"] == 40
-    # each layer's label from its own gradient: recovered in the last layer, optimised elsewhere
-    assert info["labels"] == {**{n: "optimized" for n in task.layer_names[:-1]}, task.layer_names[-1]: "recovered"}
+    # each layer's reconstruction from its own gradient: the first Dense layer in closed form, the label
+    # recovered in the last layer and optimised elsewhere
+    assert info["labels"] == {**{n: "optimized" for n in task.layer_names[:-1]}, task.layer_names[0]: "closed form",
+                              task.layer_names[-1]: "recovered"}
     missed = [name for name in broken if not scores[name]["detected"]]
     assert not missed, {name: (scores[name].value, scores[name].ci) for name in broken}
     assert any(info["layers"][name]["selected"] for name in broken)
@@ -98,3 +100,29 @@ def test_latent_inversion_family_and_its_errors(setting):
         v_information(task, victims.x, victims.y, "input", family=("linear", "inversion"))
     with pytest.raises(InputError, match=r"\(x_aux, y_aux, z_aux\)"):
         v_information(task, victims.x, victims.y, z, aux=(aux.x, aux.y))
+
+
+def test_first_dense_layer_gives_its_input_in_closed_form(setting):
+    """The MLP's first layer: kernel gradient over bias gradient is the input itself, exactly."""
+    from jaxleak.whitebox import _reconstruct, closed_form_layer
+
+    task, victims, aux = setting
+    assert closed_form_layer(task) == "Dense_0"
+    recon, how = _reconstruct(task, ["Dense_0"], victims.x[:8], victims.y[:8], steps=2, restarts=1, seed=0,
+                              progress=False)
+    assert how == {"Dense_0": "closed form"}
+    np.testing.assert_allclose(recon["Dense_0"], victims.x[:8].reshape(8, -1), atol=1e-4)
+    assert closed_form_layer(Task.init("lenet", data.load("digits"), seed=0)) is None  # a conv first layer
+
+
+def test_white_box_budget_cuts_the_family_short_and_says_so(setting):
+    task, victims, aux = setting
+    scores = v_information(task, victims.x[:24], victims.y[:24], "input", aux=(aux.x, aux.y), inversion_n=8,
+                           inversion_steps=20, steps=40, n_boot=200, seed=0, inversion_budget_s=1e-6)
+    info = scores.meta["inversion"]
+    # the closed-form first layer costs nothing; the first optimised group always runs; the rest is skipped
+    assert info["labels"]["Dense_0"] == "closed form" and info["skipped"] == ["Dense_2"]
+    assert info["layers"]["Dense_2"]["selected"] is False and "budget" in info["layers"]["Dense_2"]["skipped"]
+    assert "cut short" in scores.verdict()["text"]
+    with pytest.raises(InputError, match="inversion_budget_s"):
+        v_information(task, victims.x[:24], victims.y[:24], "input", aux=(aux.x, aux.y), inversion_budget_s=-1)

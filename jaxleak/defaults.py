@@ -1,0 +1,25 @@
+"""The defaults of every budget that decides a measure's numbers: one source for the library, the CLI and
+the studies (docs/method.md section 9).
+
+The library functions (:func:`jaxleak.vinfo.v_information`, :func:`jaxleak.subspace.subspace_distance`,
+:func:`jaxleak.sensitivity.sensitivity`), the measure registry, :class:`jaxleak.monitor.LeakageMonitor`,
+``jaxleak run`` and ``jaxleak study`` read them from here.
+"""
+
+from __future__ import annotations
+
+# Hutchinson probes of the sensitivity estimator.
+PROBES = 16
+# Shuffles of z for the subspace distance's permutation null (max-T over layers: enough for any depth).
+PERMUTATIONS = 100
+# Count-sketch width of layers wider than this, for V-information and the studies.
+SKETCH_DIM = 1024
+# V-information ensemble: full-batch Adam steps, early-stopping patience, folds of the attacker's
+# cross-validation (or of cross-fitting without auxiliary data), bootstrap resamples (at least).
+VINFO_STEPS = 150
+VINFO_PATIENCE = 50
+VINFO_FOLDS = 3
+VINFO_BOOT = 1000
+# White-box inversion member: victims (and auxiliary comparison rows) inverted, Adam steps.
+INVERSION_N = 32
+INVERSION_STEPS = 200
