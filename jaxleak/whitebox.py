@@ -6,9 +6,9 @@ weights fixed), so it belongs in that layer's predictive family V:
 
 - original information: the decoder mean is ``m + a (r_l - m)``, where r_l is
   the Inverting Gradients reconstruction that matches layer l's gradient
-  alone (:func:`jaxleak.attacks.invert_layers`: the label too comes from
-  g_l, recovered from the last layer's own bias gradient or optimised
-  jointly), m the auxiliary examples' mean and a in [0, 1] a shrinkage
+  alone (:func:`jaxleak.attacks.invert_layers`; the label too comes from
+  g_l, optimised jointly with the input; a first Dense layer gives its
+  input in closed form), m the auxiliary examples' mean and a in [0, 1] a shrinkage
   factor fitted by least squares on auxiliary examples (a raw
   reconstruction that is worse than the mean still carries information
   that the shrinkage keeps);
@@ -91,8 +91,10 @@ def _reconstruct(task: Task, names, x, y, *, steps: int, restarts: int, seed: in
         how[closed] = "closed form"
     rest = [name for name in names if name not in recon]
     if rest:
+        # labels optimised jointly in every layer: one compiled program for all layers (the last layer's exact
+        # recovery from its own bias gradient would be a second one)
         results = invert_layers(task, {name: g[name] for name in rest}, layers=rest, restarts=restarts, steps=steps,
-                                seed=seed, progress=progress, budget_s=budget_s)
+                                seed=seed, progress=progress, budget_s=budget_s, labels="optimize")
         for name, r in results.items():
             recon[name] = np.asarray(r.x, np.float64).reshape(x.shape[0], -1)
             how[name] = r.label_source
@@ -234,8 +236,8 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
     info = {"victims": int(k), "aux_rows": int(m), "steps": int(steps), "restarts": int(restarts),
             "labels": dict(label_source), "budget_s": budget_s, "seconds": spent, "skipped": skipped,
             "label_rule": "each layer's reconstruction reads its own gradient only: a first Dense layer gives its "
-                          "input in closed form; otherwise the label is recovered from the last layer's own bias "
-                          "gradient and optimised jointly for every other layer",
+                          "input in closed form; every other layer's Inverting Gradients optimises the label "
+                          "jointly with the input",
             "selection": "selected where the 95% paired bootstrap interval over the auxiliary comparison rows of "
                          "(learned loss - white-box loss) lies above 0; the white-box loss of each half of the "
                          "rows uses the shrinkage or prior weight fitted on the other half",
