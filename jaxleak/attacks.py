@@ -620,8 +620,8 @@ def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Seque
     accelerator); layers and victims are split into calls to stay within it,
     with the same random starts, so the results do not depend on the split;
     and ``budget_s``: seconds after which no further call starts (a call
-    starts only if the mean time of the calls so far still fits); the
-    layers of calls not started are missing from the result.
+    starts only if the mean time of the calls so far still fits); layers
+    not attacked on every victim are missing from the result.
     """
     options = {"method": "ig", "restarts": 8, "steps": None, "lr": None, "tv": None, "labels": None,
                "batch_size": 1, "local_steps": 1, "local_lr": 0.1, "seed": 0, "progress": False,
@@ -650,22 +650,25 @@ def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Seque
         if labels is None and group != [last]:
             labels = "optimize"  # a layer's own gradient holds its label only through the optimisation
         for chunk, rows in _attack_plan(task, group, victims, restarts * batch, budget):
-            if budget_s is not None and spent:
-                elapsed = time.perf_counter() - started
-                if elapsed + float(np.mean(spent)) > budget_s:
-                    continue  # this call would overrun the time budget: its layers are not attacked
-            t0 = time.perf_counter()
             keep = set(chunk) | ({last} if labels is None else set())
             parts = []
             for v in rows:
+                # a call starts only while the mean call so far still fits the time budget; a layer whose
+                # victims are not all attacked is dropped
+                if budget_s is not None and spent and (
+                        time.perf_counter() - started + float(np.mean(spent)) > budget_s):
+                    parts = None
+                    break
+                t0 = time.perf_counter()
                 sub = {name: g[v] for name, g in update.items() if name in keep}
                 picked, results = _run(task, sub, weights_for=lambda n: np.eye(n, dtype=np.float32), layers=chunk,
                                        starts={k: a[v] for k, a in starts.items()},
                                        **{**options, "labels": labels if not isinstance(labels, np.ndarray) else labels[v]})
                 parts.append(results)
-            for i, layer in enumerate(picked):
-                out[layer.name] = _concat_victims([p[i] for p in parts])
-            spent.append(time.perf_counter() - t0)
+                spent.append((time.perf_counter() - t0) * rows[0].size / v.size)
+            if parts:
+                for i, layer in enumerate(picked):
+                    out[layer.name] = _concat_victims([p[i] for p in parts])
     return {layer.name: out[layer.name] for layer in sel if layer.name in out}
 
 
@@ -674,21 +677,48 @@ def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Seque
 _ATTACK_CPU_FLOATS = 2 ** 28
 
 
+def _intermediate_floats(jaxpr) -> int:
+    """Floats of every intermediate value of a jaxpr, sub-jaxprs included (an upper bound of what is live)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += sum(int(np.prod(v.aval.shape, dtype=np.int64)) for v in eqn.outvars if hasattr(v.aval, "shape"))
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += _intermediate_floats(inner)
+    return total
+
+
+def example_activation_floats(task: Task) -> int:
+    """Floats that one dummy example of an attack holds besides its gradients, estimated as every intermediate
+    of one example's loss gradient in its jaxpr (an upper bound of that gradient's live memory, which XLA's
+    fusion keeps well below; the attack differentiates it once more)."""
+    def build():
+        x = jnp.zeros((1, *task.input_shape), jnp.float32)
+        y = jnp.zeros((1,), jnp.int32)
+        closed = jax.make_jaxpr(jax.grad(task.loss, argnums=(0, 1)))(task.params, x, y)
+        floats = _intermediate_floats(closed.jaxpr)
+        return lambda: floats
+
+    return task.cached(("attack_activation_floats",), build)()
+
+
 def _attack_plan(task: Task, names: Sequence[str], victims: int, runs_per_victim: int, budget: int):
     """Calls of a per-layer attack: (layer group, [victim index arrays]) with bounded memory each.
 
     One call of ``M`` layers runs M V R B dummy examples, each forming the
-    per-example gradients of all M layers (plus activations, counted as
-    four copies of the input); layers are grouped while that stays within
-    ``budget`` floats, and a layer too large on its own splits its victims
-    into near-equal parts.
+    per-example gradients of all M layers and holding the intermediates of
+    a double backward pass (:func:`example_activation_floats`); layers are
+    grouped while that stays within ``budget`` floats, and a layer too large
+    on its own splits its victims into near-equal parts.
     """
-    per_example = 4 * int(np.prod(task.input_shape))
-    sizes = {name: task.layer(name).size + per_example for name in names}
+    per_example = example_activation_floats(task)
+    sizes = {name: task.layer(name).size for name in names}
     plan, group = [], []
 
     def cost(g):
-        return len(g) * victims * runs_per_victim * sum(sizes[n] for n in g)
+        return len(g) * victims * runs_per_victim * (sum(sizes[n] for n in g) + per_example)
 
     for name in names:
         if group and cost(group + [name]) > budget:

@@ -71,7 +71,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inversion-steps", type=int, help="Inverting Gradients steps of that family; default 200")
     p.add_argument("--inversion-budget", metavar="SECONDS|auto|none",
                    help="time for that family: no further group of layers starts once it would be overrun; "
-                        "auto (default): the time of the run's other measures, at least 60 s; none: no limit "
+                        "auto (default): half the time of the run's other measures, at least 60 s; none: no limit "
                         "(the same layers are inverted on any machine)")
     p.add_argument("--chunk-size", type=int, help="examples per compiled chunk (memory bound)")
     p.add_argument("--params", metavar="FILE", help="model parameters: flax msgpack file or orbax checkpoint folder")

@@ -544,10 +544,11 @@ def _out_of_memory_message(key: str, prep: Prepared, read: set[str], err: BaseEx
 
 
 def inversion_budget(config: RunConfig, others_s: float) -> float | None:
-    """Seconds for the white-box family (None: no limit): ``auto`` is the other measures' time, at least 60 s."""
+    """Seconds for the white-box family (None: no limit): ``auto`` is half the other measures' time, at least
+    60 s."""
     text = str(config.inversion_budget).strip().lower()
     if text == "auto":
-        return max(60.0, float(others_s))
+        return max(60.0, 0.5 * float(others_s))
     if text == "none":
         return None
     try:
