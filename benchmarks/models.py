@@ -74,8 +74,9 @@ def one_run(spec: dict) -> dict:
     run_lib.run = run_with_marks
     argv = ["run", "--model", spec["model"], "--dataset", spec["dataset"], "--n", str(spec["n"]), "--aux-n",
             str(spec["aux_n"]), "--epochs", "1", "--out", spec["out"], "--no-progress"]
-    for opt in DATA[spec["dataset"]]:
+    for opt in spec.get("data_opts", DATA[spec["dataset"]]):
         argv += ["--data-opt", opt]
+    argv += spec.get("extra", [])
     t0 = time.time()
     import contextlib
     import io

@@ -45,8 +45,11 @@ bootstrap interval of their difference contains 0.
   the decoder mean is the Inverting Gradients reconstruction that matches
   layer l's gradient alone, shrunk towards the auxiliary mean by a factor
   fitted on auxiliary examples; for a latent target, an attribute classifier
-  trained on the auxiliary inputs reads the reconstruction. It competes with
-  the learned members on the same auxiliary validation rows.
+  trained on the auxiliary inputs reads the reconstruction. It is selected
+  over the learned members on auxiliary validation rows only (a paired
+  bootstrap margin, shrinkage cross-fitted), and a selected layer is scored
+  on every victim by the composite attack (white box on a subsample,
+  learned elsewhere): see :mod:`jaxleak.whitebox`.
 """
 
 from __future__ import annotations
