@@ -619,9 +619,10 @@ def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Seque
     (default: 2^28 on the CPU, a fraction of the free memory on an
     accelerator); layers and victims are split into calls to stay within it,
     with the same random starts, so the results do not depend on the split;
-    and ``budget_s``: seconds after which no further call starts (a call
-    starts only if the mean time of the calls so far still fits); layers
-    not attacked on every victim are missing from the result.
+    and ``budget_s``: seconds after which no further call starts (a
+    layer's calls go on only while all of its remaining calls, at the mean
+    time of the calls so far, fit); layers not attacked on every victim are
+    missing from the result.
     """
     options = {"method": "ig", "restarts": 8, "steps": None, "lr": None, "tv": None, "labels": None,
                "batch_size": 1, "local_steps": 1, "local_lr": 0.1, "seed": 0, "progress": False,
@@ -652,11 +653,11 @@ def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Seque
         for chunk, rows in _attack_plan(task, group, victims, restarts * batch, budget):
             keep = set(chunk) | ({last} if labels is None else set())
             parts = []
-            for v in rows:
-                # a call starts only while the mean call so far still fits the time budget; a layer whose
-                # victims are not all attacked is dropped
+            for j, v in enumerate(rows):
+                # a call starts only while this layer's remaining calls, at the mean time of the calls so far,
+                # still fit the time budget; a layer whose victims are not all attacked is dropped
                 if budget_s is not None and spent and (
-                        time.perf_counter() - started + float(np.mean(spent)) > budget_s):
+                        time.perf_counter() - started + (len(rows) - j) * float(np.mean(spent)) > budget_s):
                     parts = None
                     break
                 t0 = time.perf_counter()
