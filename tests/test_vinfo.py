@@ -232,7 +232,7 @@ def test_planted_latent_is_detected_where_logistic_regression_finds_it():
             found.append(name)
     assert found, "the planted strength is too weak for the reference attacker; the test would be vacuous"
     scores = v_information(task, ds.x[:n_v], ds.y[:n_v], z[:n_v], aux=(ds.x[n_v:], ds.y[n_v:], z[n_v:]),
-                           sketch_dim=256, steps=150, n_boot=500, seed=0)
+                           sketch_dim=256, steps=150, folds=5, patience=100, n_boot=500, seed=0)
     missed = [name for name in found if not scores[name]["detected"]]
     assert not missed, {name: (scores[name].value, scores[name].ci) for name in found}
     assert scores.meta["aux_examples"] == ds.n - n_v
@@ -432,7 +432,8 @@ def test_planted_latent_information_grows_with_strength():
         ds = data.load("planted", strength=strength, max_examples=1000)
         task = task or Task.init("mlp", ds, seed=0)
         scores = v_information(task, ds.x, ds.y, ds.latent["z"], family=("mlp",), seeds=1,
-                               weight_decays=(1e-3, 1e-1), sketch_dim=256, steps=150, n_boot=500, seed=0)
+                               weight_decays=(1e-3, 1e-1), sketch_dim=256, steps=150, folds=5, patience=100,
+                               n_boot=500, seed=0)
         if strength == 0.0:  # nothing to find: no layer detected (the raw estimate may lie below 0)
             for name, s in scores.items():
                 assert s.ci[0] <= 0.0 and not s["detected"], (name, s.value, s.ci)
