@@ -166,18 +166,26 @@ def _matched_layers(task: Task, update: Mapping[str, np.ndarray], layers: Sequen
     return sel
 
 
-def _bias_offset(task: Task) -> int:
-    """Offset of the output bias inside the last layer's flat gradient."""
+def _output_bias_offset(task: Task) -> int | None:
+    """Offset of the output bias inside the last layer's flat gradient, or None when it has none."""
     last = task.layers[-1]
     offset = 0
     for shape, path in zip(last.shapes, last.paths):
         if shape == (task.num_classes,) and path.split("/")[-1] == "bias":
             return offset
         offset += int(np.prod(shape, dtype=np.int64))
-    raise InputError(
-        f"labels cannot be recovered: the last layer {last.name!r} of model {task.name!r} has no output bias "
-        f"of shape ({task.num_classes},); pass labels=..."
-    )
+    return None
+
+
+def _bias_offset(task: Task) -> int:
+    """Offset of the output bias inside the last layer's flat gradient."""
+    offset = _output_bias_offset(task)
+    if offset is None:
+        raise InputError(
+            f"labels cannot be recovered: the last layer {task.layers[-1].name!r} of model {task.name!r} has no "
+            f"output bias of shape ({task.num_classes},); pass labels=..."
+        )
+    return offset
 
 
 def recover_labels(task: Task, target_update: Mapping[str, Any]) -> np.ndarray:
@@ -596,12 +604,6 @@ def invert(task: Task, target_update: Mapping[str, Any], *, method: str = "ig", 
     return results[0]
 
 
-def _has_output_bias(task: Task) -> bool:
-    last = task.layers[-1]
-    return any(shape == (task.num_classes,) and path.split("/")[-1] == "bias"
-               for shape, path in zip(last.shapes, last.paths))
-
-
 def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Sequence[str] | None = None,
                   **options) -> dict[str, InversionResult]:
     """One attack per layer, each a function of that layer's update only: ``{layer: InversionResult}``.
@@ -635,7 +637,7 @@ def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Seque
     last = task.layers[-1].name
     groups = [[layer.name for layer in sel]]
     if options["labels"] is None:
-        own_label = int(options["batch_size"]) == 1 and _has_output_bias(task)
+        own_label = int(options["batch_size"]) == 1 and _output_bias_offset(task) is not None
         recovered = [name for name in groups[0] if own_label and name == last]
         # forward order: with a time budget the first layers, where inversion usually wins, go first
         groups = [g for g in ([name for name in groups[0] if name not in recovered], recovered) if g]
@@ -651,7 +653,6 @@ def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Seque
         if labels is None and group != [last]:
             labels = "optimize"  # a layer's own gradient holds its label only through the optimisation
         for chunk, rows in _attack_plan(task, group, victims, restarts * batch, budget):
-            keep = set(chunk) | ({last} if labels is None else set())
             parts = []
             for j, v in enumerate(rows):
                 # a call starts only while this layer's remaining calls, at the mean time of the calls so far,
@@ -661,7 +662,7 @@ def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Seque
                     parts = None
                     break
                 t0 = time.perf_counter()
-                sub = {name: g[v] for name, g in update.items() if name in keep}
+                sub = {name: update[name][v] for name in chunk}  # the attacked layers' own gradients only
                 picked, results = _run(task, sub, weights_for=lambda n: np.eye(n, dtype=np.float32), layers=chunk,
                                        starts={k: a[v] for k, a in starts.items()},
                                        **{**options, "labels": labels if not isinstance(labels, np.ndarray) else labels[v]})
