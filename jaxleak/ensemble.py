@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxleak import compilation
+from jaxleak import compilation, defaults
 from jaxleak.errors import InputError, NonFiniteError
 from jaxleak.grads import TRACE_COUNTS
 
@@ -59,7 +59,7 @@ class Member(NamedTuple):
         return f"mlp(hidden={self.hidden}) wd={self.weight_decay:g} seed={self.seed}"
 
 
-def make_members(family: Sequence[str] = FAMILIES, weight_decays: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1),
+def make_members(family: Sequence[str] = FAMILIES, weight_decays: Sequence[float] = defaults.VINFO_WEIGHT_DECAYS,
                  seeds: int = 2, hidden: int = 32, seed: int = 0) -> list[Member]:
     """The members of an ensemble, grouped by family in the order of ``family``.
 

@@ -279,15 +279,18 @@ def _maxt_scores(observed, nulls):
 def test_max_t_matches_the_rule_by_hand():
     from jaxleak.subspace import cannot_reject, with_verdicts
 
-    # two layers, 4 shuffles; standardised nulls and observed values chosen by hand
+    # two layers, 4 shuffles; each layer standardised by the mean and sd of its 5 distances (observed included)
     nulls = {"a": np.array([0.0, 1.0, 2.0, 3.0]), "b": np.array([3.0, 2.0, 1.0, 0.0])}
     sd = np.std([0.0, 1.0, 2.0, 3.0], ddof=1)
-    obs = {"a": 1.5 + 2.5 * sd, "b": 1.5 + 0.2 * sd}  # t_a = 2.5, t_b = 0.2
+    obs = {"a": 1.5 + 2.5 * sd, "b": 1.5 + 0.2 * sd}
     out = with_verdicts(_maxt_scores(obs, nulls), nulls)
-    # max-T per shuffle: t = (null - 1.5) / sd, max over layers = [1.5, 0.5, 0.5, 1.5] / sd
-    max_t = np.maximum((nulls["a"] - 1.5) / sd, (nulls["b"] - 1.5) / sd)
-    assert out["a"]["p_adjusted"] == pytest.approx((1 + np.sum(max_t >= 2.5)) / 5)
-    assert out["b"]["p_adjusted"] == pytest.approx((1 + np.sum(max_t >= 0.2)) / 5)
+    every = {k: np.append(nulls[k], obs[k]) for k in nulls}
+    t = {k: (every[k] - every[k].mean()) / every[k].std(ddof=1) for k in nulls}  # last entry: the observed
+    max_t = np.maximum(t["a"][:4], t["b"][:4])
+    assert out["a"]["p_adjusted"] == pytest.approx((1 + np.sum(max_t >= t["a"][4])) / 5)
+    assert out["b"]["p_adjusted"] == pytest.approx((1 + np.sum(max_t >= t["b"][4])) / 5)
+    # by hand: b's observed sits among its nulls (t_b below two shuffles' maxima), a's above all of them
+    assert out["a"]["p_adjusted"] == pytest.approx(1 / 5) and out["b"]["p_adjusted"] > 1 / 5
     assert not out["a"]["detected"]  # 4 shuffles: no p below 1/5
     assert out["a"]["detectable"] is None and cannot_reject(4) is not None and cannot_reject(100) is None
 

@@ -517,8 +517,10 @@ def test_decoders_on_projected_features_with_cross_fitting():
 def test_ties_and_detection_use_paired_resamples_and_holm():
     """Layer B carries the same signal as A with 8% less noise (the same noise draws): their marginal 95%
     intervals overlap, yet B beats A on the same victims; the paired bootstrap says so, so A is not tied
-    with the top layer (an unpaired bootstrap or an overlap rule would call it a tie). C is noise: not
-    detected, and the Holm-adjusted p-values are at least the raw ones."""
+    with the top layer (an unpaired bootstrap or an overlap rule would call it a tie). C is
+    noise, and the Holm-adjusted p-values are at least the raw ones. (C's false-detection rate, at most 5%
+    over many draws, is test_shuffled_targets_are_rarely_detected's and benchmarks/calibration.py's: one
+    draw cannot test it.)"""
     rng = np.random.default_rng(0)
 
     def make(n):
@@ -532,7 +534,7 @@ def test_ties_and_detection_use_paired_resamples_and_holm():
     s = v_information_from_features(f, z, aux_features=fa, aux_target=za, family=("linear",), folds=3, steps=60,
                                     n_boot=1000)
     a, b = s["A"], s["B"]
-    assert a["detected"] and b["detected"] and not s["C"]["detected"]
+    assert a["detected"] and b["detected"]
     assert a.ci[1] > b.ci[0]  # the marginal intervals overlap: the test is not vacuous
     assert a["tied_with_top"] is False and a["vs_top"]["top"] == "B" and a["vs_top"]["ci"][0] > 0
     assert s.to_dict()["top"] == ["B"]
