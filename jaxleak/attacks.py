@@ -468,10 +468,13 @@ def _factored_products(u: OuterFactors, t: jax.Array, runs: tuple[int, ...]) -> 
 
 def _run(task: Task, target_update, *, weights_for: Callable[[int], np.ndarray], method: str, layers, restarts: int,
          steps: int | None, lr: float | None, tv: float | None, labels, batch_size: int, local_steps: int,
-         local_lr: float, seed: int, progress: bool, starts: dict | None = None):
+         local_lr: float, seed: int, progress: bool, starts: dict | None = None, deadline: float | None = None):
     """Shared driver of :func:`invert` and :func:`invert_layers`; returns per-weight-row results.
 
     ``starts`` are the random initialisations of these victims (drawn here from ``seed`` when None).
+    ``deadline`` (a ``time.perf_counter()`` value): the steps run in about 20 segments, and after each
+    segment but the first (which compiles) the call stops, returning ``(layers, None)``, when the
+    remaining segments at that segment's pace would end after the deadline.
     """
     if method not in METHODS:
         raise InputError(f"unknown attack method {method!r}; choose one of {list(METHODS)}")
@@ -500,7 +503,7 @@ def _run(task: Task, target_update, *, weights_for: Callable[[int], np.ndarray],
     else:
         soft, source, lab = True, "optimized", np.zeros((victims, batch), np.int32)
 
-    seg = _segment_length(steps, progress)
+    seg = _segment_length(steps, progress or deadline is not None)
     fns = _build(task, sel, method=method, steps=steps, seg=seg, restarts=restarts, batch=batch, soft=soft,
                  signed=defaults["signed"], box=defaults["box"], local_steps=local_steps)
     weights = jnp.asarray(weights_for(len(sel)), jnp.float32)
@@ -519,9 +522,15 @@ def _run(task: Task, target_update, *, weights_for: Callable[[int], np.ndarray],
         segments = tqdm(segments, desc=f"{method} inversion", unit=f"x{seg} steps", leave=False)
     traces = []
     for i in segments:
+        t0 = time.perf_counter()
         state, trace, losses = fns["advance"](task.params, state, targets, lab, weights, hyper,
                                               np.bool_(i == steps // seg - 1))
         traces.append(trace)
+        if deadline is not None and 0 < i < steps // seg - 1:
+            jax.block_until_ready(losses)
+            now = time.perf_counter()
+            if now + (now - t0) * (steps // seg - 1 - i) > deadline:
+                return sel, None
     z = state[0]
     x, losses = np.clip(np.asarray(z["x"]), 0.0, 1.0), np.asarray(losses)
     q = np.argmax(np.asarray(z["q"]), axis=-1) if soft else None
@@ -621,10 +630,13 @@ def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Seque
     (default: 2^28 on the CPU, a fraction of the free memory on an
     accelerator); layers and victims are split into calls to stay within it,
     with the same random starts, so the results do not depend on the split;
-    and ``budget_s``: seconds after which no further call starts (a
-    layer's calls go on only while all of its remaining calls, at the mean
-    time of the calls so far, fit); layers not attacked on every victim are
-    missing from the result.
+    and ``budget_s``: the attack's time budget. A layer's calls go on only
+    while all of its remaining calls fit, priced at the mean time of the
+    calls so far, or before the first call by the optimistic
+    :func:`estimated_call_seconds`; a started call stops early when its own
+    pace (timed per segment of its steps) says it would end after the
+    budget. Layers not attacked on every victim are missing from the
+    result.
     """
     options = {"method": "ig", "restarts": 8, "steps": None, "lr": None, "tv": None, "labels": None,
                "batch_size": 1, "local_steps": 1, "local_lr": 0.1, "seed": 0, "progress": False,
@@ -657,15 +669,23 @@ def invert_layers(task: Task, target_update: Mapping[str, Any], *, layers: Seque
             for j, v in enumerate(rows):
                 # a call starts only while this layer's remaining calls, at the mean time of the calls so far,
                 # still fit the time budget; a layer whose victims are not all attacked is dropped
-                if budget_s is not None and spent and (
-                        time.perf_counter() - started + (len(rows) - j) * float(np.mean(spent)) > budget_s):
-                    parts = None
-                    break
+                if budget_s is not None:
+                    per_call = float(np.mean(spent)) if spent else estimated_call_seconds(
+                        task, len(chunk), v.size, restarts * batch,
+                        DEFAULT_STEPS if options["steps"] is None else int(options["steps"]),
+                        int(options["local_steps"]))
+                    if time.perf_counter() - started + (len(rows) - j) * per_call > budget_s:
+                        parts = None
+                        break
                 t0 = time.perf_counter()
                 sub = {name: update[name][v] for name in chunk}  # the attacked layers' own gradients only
                 picked, results = _run(task, sub, weights_for=lambda n: np.eye(n, dtype=np.float32), layers=chunk,
                                        starts={k: a[v] for k, a in starts.items()},
+                                       deadline=None if budget_s is None else started + budget_s,
                                        **{**options, "labels": labels if not isinstance(labels, np.ndarray) else labels[v]})
+                if results is None:  # stopped at its pace check: it would not have finished in the budget
+                    parts = None
+                    break
                 parts.append(results)
                 spent.append((time.perf_counter() - t0) * rows[0].size / v.size)
             if parts:
@@ -704,6 +724,41 @@ def example_activation_floats(task: Task) -> int:
         return lambda: floats
 
     return task.cached(("attack_activation_floats",), build)()
+
+
+# One attack step of one dummy example (forward, backward, and the backward of that backward) in per-example
+# costs of a batch-mean gradient of 64 examples. Measured on the 2-core CPU: about 0.4 (LeNet 8x8, 2,560 dummy
+# examples in one call), 1.3 (alexnet 32x32x3), 2.2 (LeNet 32x32x3). The estimate before a call takes the
+# cheapest, so that no call that might fit is skipped; a started call that will not fit stops at its pace check.
+_STEP_GRADIENTS = 0.4
+
+
+def example_gradient_seconds(task: Task, batch: int = 64, repeats: int = 3) -> float:
+    """Seconds per example of one jitted batch-mean loss gradient (median of ``repeats`` runs on ``batch``
+    zero inputs, after compiling): the unit in which an attack's cost is estimated before it starts."""
+    def build():
+        grad = jax.jit(jax.grad(lambda p, x, y: task.loss(p, x, y)))
+        x = jnp.zeros((batch, *task.input_shape), jnp.float32)
+        y = jnp.zeros((batch,), jnp.int32)
+        jax.block_until_ready(grad(task.params, x, y))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(grad(task.params, x, y))
+            times.append(time.perf_counter() - t0)
+        seconds = float(np.median(times)) / batch
+        return lambda: seconds
+
+    return task.cached(("example_gradient_seconds", batch), build)()
+
+
+def estimated_call_seconds(task: Task, layers: int, victims: int, runs_per_victim: int, steps: int,
+                           local_steps: int = 1) -> float:
+    """Optimistic a-priori seconds of one attack call (compilation excluded): every layer, victim and run takes
+    ``steps`` optimisation steps of ``local_steps`` double-backward updates, priced in example gradients at
+    the cheapest rate measured (``_STEP_GRADIENTS``)."""
+    return (_STEP_GRADIENTS * steps * local_steps * layers * victims * runs_per_victim
+            * example_gradient_seconds(task))
 
 
 def _attack_plan(task: Task, names: Sequence[str], victims: int, runs_per_victim: int, budget: int):

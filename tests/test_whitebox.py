@@ -121,10 +121,33 @@ def test_white_box_budget_cuts_the_family_short_and_says_so(setting, monkeypatch
     # one call per layer (as for layers too large to share one), so that the budget can stop between them
     monkeypatch.setattr(attacks, "_attack_plan", lambda task, names, victims, runs, budget: [
         ([name], [np.arange(victims)]) for name in names])
-    scores = v_information(task, victims.x[:24], victims.y[:24], "input", aux=(aux.x, aux.y), inversion_n=8,
-                           inversion_steps=20, steps=40, n_boot=200, seed=0, inversion_budget_s=1e-6)
+    run = lambda budget: v_information(task, victims.x[:24], victims.y[:24], "input",  # noqa: E731
+                                       aux=(aux.x, aux.y), inversion_n=8, inversion_steps=20, steps=40, n_boot=200,
+                                       seed=0, inversion_budget_s=budget)
+    # the cost estimate prices the first optimised call above the budget: nothing optimised starts
+    info = run(1e-6).meta["inversion"]
+    assert info["labels"]["Dense_0"] == "closed form" and info["skipped"] == ["Dense_1", "Dense_2"]
+    # an estimate that says it fits: the first optimised call starts, and its pace check stops it (compiling
+    # alone takes longer than 0.3 s): no layer is attacked on part of the steps
+    monkeypatch.setattr(attacks, "estimated_call_seconds", lambda *a, **k: 0.0)
+    calls, run_call = [], attacks._run
+
+    def spy(pace_check: bool):
+        def wrapped(*args, **kwargs):
+            out = run_call(*args, **(kwargs if pace_check else {**kwargs, "deadline": None}))
+            calls.append(out[1])
+            return out
+        return wrapped
+
+    monkeypatch.setattr(attacks, "_run", spy(True))
+    info = run(0.3).meta["inversion"]
+    assert calls == [None] and info["skipped"] == ["Dense_1", "Dense_2"]
+    # without the pace check the first call finishes; its measured time stops the second
+    calls.clear()
+    monkeypatch.setattr(attacks, "_run", spy(False))
+    scores = run(0.3)
     info = scores.meta["inversion"]
-    # the closed-form first layer costs nothing; the first optimised call always runs; the rest is skipped
+    assert len(calls) == 1 and calls[0] is not None
     assert info["labels"]["Dense_0"] == "closed form" and info["skipped"] == ["Dense_2"]
     assert info["layers"]["Dense_2"]["selected"] is False and "budget" in info["layers"]["Dense_2"]["skipped"]
     assert "cut short" in scores.verdict()["text"]
