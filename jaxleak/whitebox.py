@@ -72,29 +72,52 @@ def _closed_form(task: Task, g: np.ndarray) -> np.ndarray:
     return np.where(np.abs(delta)[:, None] > 0, column / safe[:, None], 0.0).astype(np.float64)
 
 
+# Floats of per-example gradients the white-box family holds at once (256 MiB), beyond one layer's own.
+_GRADIENT_FLOATS = 2 ** 26
+
+
 def _reconstruct(task: Task, names, x, y, *, steps: int, restarts: int, seed: int, progress: bool,
                  budget_s: float | None = None):
     """Per layer, (k, D) reconstruction of each example from that layer's gradient alone, and how it was made.
 
     The first Dense layer's input comes in closed form; the other layers run Inverting Gradients (one
     jitted computation per group of layers, within ``budget_s`` seconds: layers of groups not started for
-    the budget are absent from the result).
+    the budget are absent from the result). The examples' per-example gradients, k x P floats for all
+    layers, are formed for a few layers at a time (at most ``_GRADIENT_FLOATS`` floats, or one layer)
+    and freed after that group's attack, so memory does not grow with the model's size.
     """
+    import time
+
     from jaxleak.attacks import invert_layers
     from jaxleak.grads import layer_grads
 
-    g = layer_grads(task, x, y, layers=list(names))
+    started = time.perf_counter()
     recon, how = {}, {}
     closed = closed_form_layer(task)
     if closed in names:
-        recon[closed] = _closed_form(task, np.asarray(g[closed], np.float64))
+        g = layer_grads(task, x, y, layers=[closed])[closed]
+        recon[closed] = _closed_form(task, np.asarray(g, np.float64))
         how[closed] = "closed form"
-    rest = [name for name in names if name not in recon]
-    if rest:
+    chunks, chunk, floats = [], [], 0
+    for name in (name for name in names if name not in recon):
+        size = task.layer(name).size * x.shape[0]
+        if chunk and floats + size > _GRADIENT_FLOATS:
+            chunks.append(chunk)
+            chunk, floats = [], 0
+        chunk.append(name)
+        floats += size
+    if chunk:
+        chunks.append(chunk)
+    for chunk in chunks:
+        left = None if budget_s is None else budget_s - (time.perf_counter() - started)
+        if left is not None and left <= 0:
+            break
+        g = layer_grads(task, x, y, layers=chunk)
         # labels optimised jointly in every layer: one compiled program for all layers (the last layer's exact
         # recovery from its own bias gradient would be a second one)
-        results = invert_layers(task, {name: g[name] for name in rest}, layers=rest, restarts=restarts, steps=steps,
-                                seed=seed, progress=progress, budget_s=budget_s, labels="optimize")
+        results = invert_layers(task, g, layers=chunk, restarts=restarts, steps=steps, seed=seed,
+                                progress=progress, budget_s=left, labels="optimize")
+        del g
         for name, r in results.items():
             recon[name] = np.asarray(r.x, np.float64).reshape(x.shape[0], -1)
             how[name] = r.label_source

@@ -114,6 +114,29 @@ def test_first_dense_layer_gives_its_input_in_closed_form(setting):
     assert closed_form_layer(Task.init("lenet", data.load("digits"), seed=0)) is None  # a conv first layer
 
 
+def test_white_box_gradients_are_formed_a_few_layers_at_a_time(setting, monkeypatch):
+    """Under a small gradient cap every layer's per-example gradients are formed and attacked on their own,
+    and the reconstructions equal those of one group of all layers (same starts, own gradient each)."""
+    from jaxleak import grads, whitebox
+
+    task, victims, aux = setting
+    names = [layer.name for layer in task.layers]
+    kwargs = dict(steps=10, restarts=2, seed=0, progress=False)
+    whole, _ = whitebox._reconstruct(task, names, victims.x[:6], victims.y[:6], **kwargs)
+    asked, layer_grads = [], grads.layer_grads
+
+    def spy(task_, x, y, *, layers=None, **k):
+        asked.append(list(layers))
+        return layer_grads(task_, x, y, layers=layers, **k)
+
+    monkeypatch.setattr(grads, "layer_grads", spy)
+    monkeypatch.setattr(whitebox, "_GRADIENT_FLOATS", 1)
+    split, _ = whitebox._reconstruct(task, names, victims.x[:6], victims.y[:6], **kwargs)
+    assert asked == [[name] for name in names]
+    for name in names:
+        np.testing.assert_array_equal(split[name], whole[name], err_msg=name)
+
+
 def test_white_box_budget_cuts_the_family_short_and_says_so(setting, monkeypatch):
     from jaxleak import attacks
 
