@@ -20,6 +20,8 @@ VINFO_STEPS = 150
 VINFO_PATIENCE = 50
 VINFO_FOLDS = 3
 VINFO_BOOT = 1000
+# Permutations of the victims' targets for V-information's detection test (max-T over layers).
+VINFO_PERMUTATIONS = 1000
 # L2 penalties of the attack members (mean loss + lambda/2 ||W||^2 on standardised features). The grid reaches
 # lambda = 1: on weak signals in a few hundred auxiliary rows the selected penalty sits near 0.3 (benchmarks/calibration.py).
 VINFO_WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1, 1.0)

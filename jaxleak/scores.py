@@ -140,19 +140,43 @@ def _finite(v: float) -> float:
 
 # ---------------------------------------------------------------- verdicts (docs/method.md section 7)
 
-def holm(pvalues) -> list[float]:
-    """Holm's step-down adjusted p-values (family-wise error over the given tests; NaN stays NaN)."""
+def max_t(observed: Mapping[str, float], nulls: Mapping[str, Any], alpha: float = 0.05) -> tuple[dict, float]:
+    """Westfall-Young single-step max-T over layers: ``({layer: p_adjusted}, critical)``.
+
+    ``nulls[l]`` holds layer l's statistic under the SAME R permutations for
+    every layer (larger = more evidence). Each layer is standardised by the
+    mean and standard deviation of its R + 1 values (the observed one and
+    the permutations': a symmetric function of them, so under the null the
+    observed labelling stays exchangeable with the permutations),
+    t_l = (S_l - m_l) / s_l; permutation r gives M_r = max_l t_l^r, and
+    p_adjusted_l = (1 + #{r: M_r >= t_l}) / (R + 1), which controls the
+    family-wise error over the layers for any number of layers at a fixed R.
+    ``critical``: the standardised value a layer must exceed to be rejected
+    at ``alpha`` (NaN when R is too small for any rejection). Layers with a
+    non-finite observed value or no spread get no p-value (absent).
+    """
     import numpy as np
 
-    p = np.asarray(pvalues, dtype=np.float64)
-    out = np.full(p.shape, math.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    order = ok[np.argsort(p[ok], kind="stable")]
-    m, running = order.size, 0.0
-    for i, j in enumerate(order):
-        running = max(running, min(1.0, (m - i) * p[j]))
-        out[j] = running
-    return out.tolist()
+    names, columns, t_obs = [], [], {}
+    for name, value in observed.items():
+        null = np.asarray(nulls[name], np.float64)
+        every = np.append(null[np.isfinite(null)], value)
+        if not math.isfinite(value) or every.size < 2:
+            continue
+        m, sd = float(every.mean()), float(every.std(ddof=1))
+        if not sd > 0:
+            continue
+        v = (null - m) / sd
+        names.append(name)
+        columns.append(np.where(np.isfinite(v), v, -np.inf))
+        t_obs[name] = (value - m) / sd
+    if not names:
+        return {}, math.nan
+    max_null = np.max(np.stack(columns, axis=1), axis=1)
+    r = max_null.size
+    allowed = math.ceil(alpha * (r + 1) - 1) - 1  # exceedances a rejection may have
+    critical = float(np.sort(max_null)[::-1][allowed]) if 0 <= allowed < r else math.nan
+    return {name: float((1 + np.sum(max_null >= t_obs[name])) / (r + 1)) for name in names}, critical
 
 
 def _fmt(v: float) -> str:

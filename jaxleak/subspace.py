@@ -626,16 +626,13 @@ def with_verdicts(scores: dict[str, Score], nulls: dict[str, np.ndarray], alpha:
     """Family-wise verdicts over layers by the Westfall-Young single-step max-T permutation procedure.
 
     ``nulls[l]`` holds layer l's null distances under the SAME R shuffles of
-    z for every layer. Each layer's statistic is standardised by the mean
-    and standard deviation of its R + 1 distances (the observed one and the
-    R shuffles': a symmetric function of them, so the observed labelling
-    stays exchangeable with the shuffles), t_l = (D_l - m_l) / s_l;
-    permutation r gives t_l^r = (D_l^r - m_l) / s_l and M_r = max_l t_l^r, and
+    z for every layer; :func:`jaxleak.scores.max_t` standardises each layer
+    over its R + 1 distances and gives
 
-        p_adjusted_l = (1 + #{r: M_r >= t_l}) / (R + 1)
+        p_adjusted_l = (1 + #{r: M_r >= t_l}) / (R + 1),
 
-    controls the family-wise error rate over the layers at any number of
-    layers for a fixed R (the smallest p is 1 / (R + 1) whatever L is).
+    which controls the family-wise error rate over the layers at any number
+    of layers for a fixed R (the smallest p is 1 / (R + 1) whatever L is).
     ``detected``: p_adjusted < alpha. ``detectable``: the excess with 80%
     power, (c + z_0.8) sd_l, where c is the permutation critical value of
     max-T (None when R is too small for any rejection). Ties: a detected
@@ -645,33 +642,20 @@ def with_verdicts(scores: dict[str, Score], nulls: dict[str, np.ndarray], alpha:
     """
     from scipy.stats import norm
 
+    from jaxleak.scores import max_t
+
     names = list(scores)
     mean = {n: scores[n].extras.get("null_mean", math.nan) for n in names}
     sd = {n: scores[n].extras.get("null_sd", math.nan) for n in names}
     ok = [n for n in names if math.isfinite(scores[n].extras.get("excess", math.nan)) and sd[n] > 0]
-    r = max((np.asarray(nulls[n]).size for n in ok), default=0)
-    t_null = np.full((r, len(ok)), -np.inf)
-    t_obs = {}
-    for j, n in enumerate(ok):
-        null = np.asarray(nulls[n], np.float64)
-        every = np.append(null[np.isfinite(null)], scores[n].extras["excess"] + mean[n])  # observed D_l last
-        m, s = float(every.mean()), float(every.std(ddof=1))
-        if not s > 0:
-            m, s = mean[n], sd[n]
-        v = (null - m) / s
-        t_null[:, j] = np.where(np.isfinite(v), v, -np.inf)
-        t_obs[n] = (every[-1] - m) / s
-    max_t = t_null.max(axis=1) if ok else np.empty(0)
-    allowed = math.ceil(alpha * (r + 1) - 1) - 1  # exceedances a rejection may have
-    critical = float(np.sort(max_t)[::-1][allowed]) if 0 <= allowed < r else math.nan
+    p_adjusted, critical = max_t({n: scores[n].extras["excess"] + mean[n] for n in ok}, nulls, alpha)
     z_power = float(norm.isf(0.2))
     out = {}
     for name in names:
         s = scores[name]
         extras = {**s.extras, "p_adjusted": None, "detected": False, "detectable": None}
-        if name in ok:
-            p_adj = float((1 + np.sum(max_t >= t_obs[name])) / (r + 1))
-            extras.update(p_adjusted=p_adj, detected=bool(p_adj < alpha),
+        if name in p_adjusted:
+            extras.update(p_adjusted=p_adjusted[name], detected=bool(p_adjusted[name] < alpha),
                           detectable=(critical + z_power) * sd[name] if math.isfinite(critical) else None)
         out[name] = Score(s.value, s.ci, extras)
     detected = [n for n in names if out[n].extras["detected"]]

@@ -78,13 +78,17 @@ def test_rank_by_an_extra_field():
     assert LayerScores.from_dict(d).top() == "b"
 
 
-def test_holm_matches_the_step_down_rule_by_hand():
-    from jaxleak.scores import holm
+def test_max_t_rejects_only_beyond_every_permutation_maximum():
+    from jaxleak.scores import max_t
 
-    # sorted p: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06, monotone), 0.5 (x1 = 0.5)
-    assert holm([0.03, 0.01, 0.5, 0.02]) == pytest.approx([0.06, 0.04, 0.5, 0.06])
-    out = holm([0.2, float("nan"), 0.9])
-    assert out[0] == pytest.approx(0.4) and math.isnan(out[1]) and out[2] == pytest.approx(0.9)
+    # 39 permutations: a rejection at 0.05 allows at most one permutation maximum at or above the observed
+    nulls = {"a": np.arange(39.0), "b": np.arange(39.0)[::-1].copy()}
+    p, critical = max_t({"a": 100.0, "b": 19.0}, nulls)
+    assert p["a"] == pytest.approx(1 / 40) and p["b"] > 0.5 and math.isfinite(critical)
+    p, critical = max_t({"a": 100.0}, {"a": np.arange(19.0)})  # 19 permutations: no p below 1/20 = 0.05
+    assert p["a"] == pytest.approx(1 / 20) and math.isnan(critical)
+    p, critical = max_t({"a": float("nan")}, {"a": np.arange(30.0)})  # no finite statistic: no test
+    assert p == {} and math.isnan(critical)
 
 
 def _test_entry(layers, ties=None, meta=None):

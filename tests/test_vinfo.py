@@ -7,6 +7,7 @@ poisoned held-out targets (by construction).
 """
 
 import math
+import warnings
 
 import jax
 import numpy as np
@@ -184,8 +185,8 @@ def test_shuffled_targets_are_rarely_detected():
 def test_pure_noise_names_no_top_layer_and_reports_a_detectable_size():
     """Pure noise: raw, non-degenerate intervals; runs name no top layer and say what they could detect.
 
-    Each layer is tested at the 2.5% one-sided level, so a 5-layer run names a chance layer about one time
-    in eight: over four independent runs at least three must name none."""
+    Detection is family-wise at 5% over the layers, so over four independent runs at least three must name
+    none."""
     clean = 0
     for seed in range(4):
         rng = np.random.default_rng(10 + seed)
@@ -236,6 +237,69 @@ def test_planted_latent_is_detected_where_logistic_regression_finds_it():
     missed = [name for name in found if not scores[name]["detected"]]
     assert not missed, {name: (scores[name].value, scores[name].ci) for name in found}
     assert scores.meta["aux_examples"] == ds.n - n_v
+
+
+def test_pairing_statistic_by_hand():
+    """The pairing statistic against a loop over permutations: log-likelihood of (permuted) labels for a
+    classifier; for a reconstruction, minus the squared error up to terms no permutation changes."""
+    from jaxleak.vinfo import _Scored, pairing, permutations
+
+    rng = np.random.default_rng(0)
+    n = 7
+    perms = permutations(n, 50, seed=3)
+    assert perms.shape == (50, n) and all(sorted(p) == list(range(n)) for p in perms.tolist())
+    assert np.array_equal(perms, permutations(n, 50, seed=3))
+    rows = np.arange(2, 2 + n)  # scored rows of a larger target array
+    prob = rng.dirichlet(np.ones(3), size=n)
+    y = rng.integers(0, 3, n + 4)
+    obs, null = pairing(_Scored(rows, None, None, prob, "m", {}), y, "classification", perms)
+    assert obs == pytest.approx(np.mean(np.log(prob[np.arange(n), y[rows]])))
+    for r in (0, 17, 49):
+        assert null[r] == pytest.approx(np.mean(np.log(prob[np.arange(n), y[rows][perms[r]]])))
+    pred = rng.normal(size=(n, 2, 3))
+    t = rng.normal(size=(n + 4, 2, 3))
+    obs, null = pairing(_Scored(rows, None, None, pred, "m", {}), t, "regression", perms)
+    sse = lambda order: np.sum((t[rows][order] - pred) ** 2)  # noqa: E731
+    for r in (0, 17, 49):
+        # sum ||t_pi(i) - pred_i||^2 = const - 2 n * statistic
+        assert sse(perms[r]) - sse(np.arange(n)) == pytest.approx(-2 * n * (null[r] - obs))
+
+
+def test_weak_signal_found_by_scikit_learn_is_detected():
+    """A weak planted signal in one of eight layers (Bayes accuracy 0.64), 200 victims: in every draw where
+    scikit-learn's LogisticRegressionCV is >= 3 se above chance on the victims, the layer is detected
+    family-wise. (Detection by the gain's own bootstrap p-value, second order in the signal, with Bonferroni
+    over the 8 layers misses 3 of the 8 found draws.)"""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.preprocessing import StandardScaler
+
+    found = 0
+    widths = (24, 48, 32, 16, 40, 24, 32, 16)
+    for seed in range(16):
+        rng = np.random.default_rng(500 + seed)
+
+        def draw(m):
+            z = rng.permutation(np.repeat([0, 1], m // 2))
+            u = np.zeros(48)
+            u[:6] = 0.35 / np.sqrt(6)
+            f = {f"l{i}": rng.normal(size=(m, w)).astype(np.float32) for i, w in enumerate(widths)}
+            f["l1"] += ((2 * z - 1)[:, None] * u).astype(np.float32)
+            return f, z
+
+        fv, zv = draw(200)
+        fa, za = draw(400)
+        scaler = StandardScaler().fit(fa["l1"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # scikit-learn's notices of changing attributes
+            acc = np.mean(LogisticRegressionCV(Cs=8, cv=5).fit(scaler.transform(fa["l1"]), za).predict(
+                scaler.transform(fv["l1"])) == zv)
+        if acc < 0.5 + 3 * np.sqrt(0.25 / 200):
+            continue
+        found += 1
+        s = v_information_from_features(fv, zv, aux_features=fa, aux_target=za, family=("linear",), folds=3,
+                                        steps=60, n_boot=500, seed=seed)
+        assert s["l1"]["detected"], (seed, acc, s["l1"]["p_pairing"], s["l1"]["p_adjusted"], s["l1"].ci)
+    assert found >= 5, found
 
 
 def test_confident_mistakes_cost_at_most_the_prior_mixture_bound():
@@ -514,11 +578,11 @@ def test_decoders_on_projected_features_with_cross_fitting():
     assert reference > 0.1 and scores["g"].value >= reference - 0.1, (scores["g"].value, reference)
 
 
-def test_ties_and_detection_use_paired_resamples_and_holm():
+def test_ties_use_paired_resamples_and_detection_is_family_wise():
     """Layer B carries the same signal as A with 8% less noise (the same noise draws): their marginal 95%
     intervals overlap, yet B beats A on the same victims; the paired bootstrap says so, so A is not tied
     with the top layer (an unpaired bootstrap or an overlap rule would call it a tie). C is
-    noise, and the Holm-adjusted p-values are at least the raw ones. (C's false-detection rate, at most 5%
+    noise, and the max-T adjusted p-values are at least the layers' own. (C's false-detection rate, at most 5%
     over many draws, is test_shuffled_targets_are_rarely_detected's and benchmarks/calibration.py's: one
     draw cannot test it.)"""
     rng = np.random.default_rng(0)
@@ -539,5 +603,5 @@ def test_ties_and_detection_use_paired_resamples_and_holm():
     assert a["tied_with_top"] is False and a["vs_top"]["top"] == "B" and a["vs_top"]["ci"][0] > 0
     assert s.to_dict()["top"] == ["B"]
     for name in "ABC":
-        assert s[name]["p_holm"] >= s[name]["p_value"]
+        assert s[name]["p_adjusted"] >= s[name]["p_pairing"]
     assert s.meta["detectable_what"] == "an attack gain"
