@@ -638,5 +638,5 @@ def format_table(results: dict) -> str:
     from jaxleak.report import verdict_lines
 
     return "\n".join([*verdict_lines(results), "", line(cols), sep, *map(line, rows), sep, line(top),
-                      "* detected at a family-wise error rate of 5% over the layers (V-information: Holm on bootstrap p-values; "
-                      "subspace: max-T over the permutations)"])
+                      "* detected at a family-wise error rate of 5% over the layers (max-T over permutations: of the victims' "
+                      "targets against the attack's predictions for V-information, of z for subspace distance)"])

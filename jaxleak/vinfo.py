@@ -185,15 +185,15 @@ def _aux_target(target, aux_target, n_aux: int) -> np.ndarray:
     return np.concatenate([t, ta.astype(t.dtype)])
 
 
-# Family-wise error rate of "detected" over the layers of one measure (Holm), and the power that
+# Family-wise error rate of "detected" over the layers of one measure (max-T), and the power that
 # ``detectable`` is stated for.
 ALPHA = 0.05
 POWER = 0.8
 
 
 def bootstrap_resamples(n_boot: int, layers: int, alpha: float = ALPHA) -> int:
-    """Resamples for the layers' bootstrap p-values: enough that the smallest p-value, 1 / (B + 1), is 20
-    times below Holm's first threshold alpha / L (so the test's power does not collapse with L)."""
+    """Resamples for the layers' bootstrap intervals and p-values: enough that the smallest p-value,
+    1 / (B + 1), is 20 times below the Bonferroni threshold alpha / L that ``detectable`` is stated at."""
     return int(max(n_boot, math.ceil(20 * layers / alpha)))
 
 
