@@ -72,6 +72,18 @@ def _closed_form(task: Task, g: np.ndarray) -> np.ndarray:
     return np.where(np.abs(delta)[:, None] > 0, column / safe[:, None], 0.0).astype(np.float64)
 
 
+def _closed_form_all(task: Task, x, y, name: str) -> np.ndarray:
+    """(n, D) closed-form inputs of every example from the first Dense layer's gradients, formed in groups of
+    at most ``_GRADIENT_FLOATS`` gradient floats."""
+    from jaxleak.grads import layer_grads
+
+    n = x.shape[0]
+    step = max(1, _GRADIENT_FLOATS // max(task.layer(name).size, 1))
+    return np.concatenate([_closed_form(task, np.asarray(layer_grads(task, x[i:i + step], y[i:i + step],
+                                                                     layers=[name])[name], np.float64))
+                           for i in range(0, n, step)])
+
+
 # Floats of per-example gradients the white-box family holds at once (256 MiB), beyond one layer's own.
 _GRADIENT_FLOATS = 2 ** 26
 
@@ -209,10 +221,10 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
         clf = _attribute_classifier(xa[train_aux].reshape(train_aux.size, -1), t[n_victims + train_aux], seed)
         num_classes = fit.null_pred.shape[-1]
         prior = fit.null_pred[0]
-        za, zv = t[av_rows], t[vi]
+        za = t[av_rows]
     else:
         mean = fit.target_mean[0]
-        xv_flat, xa_flat = x[vi].reshape(k, -1), xa[av].reshape(m, -1)
+        xa_flat = xa[av].reshape(m, -1)
     chosen, layers = {}, {}
     skipped = [name for name in names if name not in recon]
     for i, name in enumerate(names):
@@ -223,6 +235,11 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
             continue
         r_v, r_a = recon[name][:k], recon[name][k:]
         entry = {"aux_loss_learned": float(learned_rows.mean()), "label_source": label_source[name]}
+        rows_v = vi
+        if label_source[name] == "closed form":
+            # free: the closed form reads every victim (in groups of bounded memory), not only the subsample
+            rows_v = np.arange(n_victims)
+            r_v = _closed_form_all(task, x[:n_victims], y[:n_victims], name)
         if latent:
             p_a, p_v = _class_probs(clf, r_a, num_classes), _class_probs(clf, r_v, num_classes)
 
@@ -234,7 +251,7 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
                                      m, seed)
             w = best_weight(np.arange(m))
             entry["prior_weight"] = float(w)
-            victim = dict(loss=_mixed_loss(p_v, zv, prior, w), pred=(1.0 - w) * p_v + w * prior[None],
+            victim = dict(loss=_mixed_loss(p_v, t[rows_v], prior, w), pred=(1.0 - w) * p_v + w * prior[None],
                           member="inversion: this layer's reconstruction read by an attribute classifier",
                           extras={"prior_weight_inversion": float(w)})
         else:
@@ -245,7 +262,9 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
             a = _shrink(r_a, xa_flat, mean)
             entry["shrink"] = a
             mu_v = mean + a * (r_v - mean)
-            victim = dict(loss=np.sum(np.square(mu_v - xv_flat), axis=1), pred=mu_v.reshape((k,) + x.shape[1:]),
+            target_v = x[rows_v].reshape(rows_v.size, -1)
+            victim = dict(loss=np.sum(np.square(mu_v - target_v), axis=1),
+                          pred=mu_v.reshape((rows_v.size,) + x.shape[1:]),
                           member=(f"inversion: the layer's input in closed form, shrink {a:.3g}"
                                   if label_source[name] == "closed form" else
                                   f"inversion: Inverting Gradients on this layer, shrink {a:.3g}"),
@@ -253,8 +272,9 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
         gain, ci = paired_gain(learned_rows, inv_rows, seed + 7 * i)
         entry.update(aux_loss_inversion=float(inv_rows.mean()), aux_gain=gain, aux_gain_ci=list(ci),
                      selected=bool(ci[0] > 0.0))
+        entry["victims"] = int(rows_v.size)
         if entry["selected"]:
-            chosen[name] = dict(rows=vi, **victim)
+            chosen[name] = dict(rows=rows_v, **victim)
         layers[name] = entry
     info = {"victims": int(k), "aux_rows": int(m), "steps": int(steps), "restarts": int(restarts),
             "labels": dict(label_source), "budget_s": budget_s, "seconds": spent, "skipped": skipped,
@@ -265,7 +285,8 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
                          "(learned loss - white-box loss) lies above 0; the white-box loss of each half of the "
                          "rows uses the shrinkage or prior weight fitted on the other half",
             "scoring": "a selected layer is scored on every victim: the white-box member on the victims listed in "
-                       "'victim_rows', the learned member on the others",
+                       "'victim_rows' (on every victim for a closed-form layer: layers[l].victims), the learned "
+                       "member on the others",
             "victim_rows": vi.tolist(),
             "aux_loss": "mean per-example loss on the auxiliary rows "
             + ("(nats)" if latent else "(squared error summed over the input)"), "layers": layers}

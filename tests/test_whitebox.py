@@ -49,13 +49,20 @@ def test_layers_that_inversion_breaks_are_detected(setting, input_scores):
     missed = [name for name in broken if not scores[name]["detected"]]
     assert not missed, {name: (scores[name].value, scores[name].ci) for name in broken}
     assert any(info["layers"][name]["selected"] for name in broken)
+    # the first Dense layer gives every victim's input exactly: a textbook break, scored as one
+    first = task.layer_names[0]
+    assert info["layers"][first]["selected"] and scores[first]["mse"] < 1e-8
+    assert scores[first].value > 5 * scores[first]["learned_alone"]["value"]
     for name, entry in info["layers"].items():
         assert scores[name]["scored"] == 40  # every layer on every victim
         # selected only with a paired margin on aux: the family does no worse on aux than the learned attack
         assert entry["selected"] == (entry["aux_gain_ci"][0] > 0)
         if entry["selected"]:
             assert entry["aux_loss_inversion"] < entry["aux_loss_learned"]
-            assert scores[name]["best_member"].startswith("inversion") and scores[name]["white_box_victims"] == 32
+            # Inverting Gradients on the 32 inverted victims; the free closed form on every victim
+            expected = 40 if info["labels"][name] == "closed form" else 32
+            assert scores[name]["best_member"].startswith("inversion") and entry["victims"] == expected
+            assert scores[name]["white_box_victims"] == expected
             assert 0.0 <= scores[name]["shrink"] <= 1.0
             # the learned attack alone, on all victims, is reported too; detected alone => detected
             alone = scores[name]["learned_alone"]
