@@ -10,7 +10,7 @@ u_l a random unit direction in layer l's feature space (drawn once per replicate
 the same for every example) and the noise standard normal. V-information runs as
 ``v_information_from_features(victims, z, aux_features=aux, aux_target=z_aux, family=("linear",),
 folds=3, steps=60, sketch_dim=64, n_boot=1000, seed=s)``: layers wider than 64 (96, 160, 256) are
-count-sketched with the sketch seed s. Every replicate draws fresh data (data seed) and a fresh
+read as their top 64 principal components over the victims' and aux rows (in a basis seeded by s). Every replicate draws fresh data (data seed) and a fresh
 estimator seed s, both from ``numpy.random.SeedSequence([--seed, part, planted layer, level, replicate])``.
 
 1. **Null** (all strengths 0), ``--replicates`` times: the family-wise false-detection rate (some layer
@@ -20,19 +20,19 @@ estimator seed s, both from ``numpy.random.SeedSequence([--seed, part, planted l
    ``with_verdicts`` (Westfall-Young max-T). Goal: at most 5%.
 2. **Power against scikit-learn**: a signal planted in one layer at each of ``--strengths`` (0.3, 0.4,
    0.5: scikit-learn finds layer 2 in about 1/9, 2/5 and 5/6 of the replicates), ``--power-replicates`` times
-   each. ``--planted 2 1`` (default) runs this twice: layer 2 (width 96, count-sketched to 64: the goal's
-   layer) and, to tell the sketch's loss from the estimator's, layer 1 (width 48, not sketched). The
+   each. ``--planted 2 1`` (default) runs this twice: layer 2 (width 96, reduced to 64 principal components:
+   the goal's layer) and, to tell the reduction's loss from the estimator's, layer 1 (width 48, read whole). The
    reference attacker is scikit-learn ``LogisticRegressionCV(Cs=8, cv=5)`` trained on that layer's
-   auxiliary features (the raw, unsketched features, standardised by a ``StandardScaler`` fitted on the
+   auxiliary features (the raw, whole features, standardised by a ``StandardScaler`` fitted on the
    aux rows) and scored by accuracy on the victims; it *found* the layer when its accuracy is at least 3
    standard errors above chance, se = sqrt(c (1 - c) / n), c the victims' majority rate. Goal: jaxleak detects
    the planted layer in at least 95% of the replicates where scikit-learn found it. Also recorded:
    jaxleak's detection rate over all replicates, replicates with a false detection among the 4 other
    layers, the planted layer's own pairing p-value (``p_pairing``, before the max-T adjustment over the 5
    layers) below 0.05, its bootstrap p-value of a positive gain below 0.05, and (for
-   diagnosis only) the same reference on the count-sketched features that jaxleak reads.
+   diagnosis only) the same reference on the reduced features that jaxleak reads.
 3. **Top-layer stability**: in every power replicate where something is detected, V-information is
-   rerun on the same data with seed s + 1000 (another sketch, folds and bootstrap) and the sets of
+   rerun on the same data with seed s + 1000 (another basis, folds and bootstrap) and the sets of
    top layers (``to_dict()["top"]``) are compared. Goal: the same set in at least 90% of them.
 
 Rates come with exact (Clopper-Pearson) 95% binomial intervals (``scipy.stats.binomtest``).
@@ -143,15 +143,15 @@ def reference(f_aux, z_aux, f_vic, z_vic) -> dict:
     return {"accuracy": acc, "se_above_chance": (acc - chance) / se, "found": bool(acc - chance >= 3.0 * se)}
 
 
-def sketched(data: dict, layer: str, seed: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """The planted layer's victims' and aux features as V-information reads them (its count-sketch)."""
-    from jaxleak.grads import apply_sketch, make_sketches
-    from jaxleak.task import Layer
+def as_read(data: dict, layer: str, seed: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The planted layer's aux and victims' features as V-information reads them (its top ``dim`` principal
+    components over the victims' and aux rows together, in the seeded basis)."""
+    from jaxleak.vinfo import _reduce
 
-    stubs = [Layer(name, w, (), (), ()) for name, w in zip(names(), WIDTHS)]
-    sk = make_sketches(stubs, dim, seed)[layer]
-    return tuple(np.asarray(apply_sketch(sk, np.asarray(data[part][layer], np.float32)), np.float64)
-                 for part in ("aux", "victims"))
+    n_vic = data["victims"][layer].shape[0]
+    both = np.concatenate([data["victims"][layer], data["aux"][layer]]).astype(np.float32)
+    (f,), _ = _reduce([layer], [both], dim, seed)
+    return np.asarray(f[n_vic:], np.float64), np.asarray(f[:n_vic], np.float64)
 
 
 def rate(k: int, n: int) -> dict:
@@ -173,7 +173,7 @@ def power_layer(args, index: int, bar) -> tuple[dict, list]:
     """Part 2 (and the replicates of part 3) for a signal planted in layer ``index``."""
     layers = names()
     planted = layers[index]
-    is_sketched = WIDTHS[index] > args.sketch_dim
+    is_reduced = WIDTHS[index] > args.sketch_dim
     levels, stable, started = [], [], time.time()
     for level, strength in enumerate(args.strengths):
         records = []
@@ -186,14 +186,14 @@ def power_layer(args, index: int, bar) -> tuple[dict, list]:
             top = vi.to_dict()["top"]
             ref = reference(np.asarray(data["aux"][planted], np.float64), data["z_aux"],
                             np.asarray(data["victims"][planted], np.float64), data["z"])
-            if is_sketched:
-                s_aux, s_vic = sketched(data, planted, seed, args.sketch_dim)
-                ref_sketch = reference(s_aux, data["z_aux"], s_vic, data["z"])
+            if is_reduced:
+                s_aux, s_vic = as_read(data, planted, seed, args.sketch_dim)
+                ref_reduced = reference(s_aux, data["z_aux"], s_vic, data["z"])
             else:
-                ref_sketch = ref
+                ref_reduced = ref
             rec = {
                 "data_seed": data_seed, "seed": seed,
-                "sklearn": ref, "sklearn_on_sketch": ref_sketch,
+                "sklearn": ref, "sklearn_on_reduced": ref_reduced,
                 "vinfo_value": vi[planted].value, "vinfo_ci": list(vi[planted].ci),
                 "vinfo_p_value": vi[planted]["p_value"], "vinfo_p_pairing": vi[planted]["p_pairing"],
                 "vinfo_p_adjusted": vi[planted]["p_adjusted"],
@@ -211,7 +211,7 @@ def power_layer(args, index: int, bar) -> tuple[dict, list]:
             bar.update()
         found = [r for r in records if r["sklearn"]["found"]]
         not_found = [r for r in records if not r["sklearn"]["found"]]
-        found_sk = [r for r in records if r["sklearn_on_sketch"]["found"]]
+        found_red = [r for r in records if r["sklearn_on_reduced"]["found"]]
         given = rate(sum(r["vinfo_detected"] for r in found), len(found))
         levels.append({
             "strength": strength,
@@ -229,18 +229,19 @@ def power_layer(args, index: int, bar) -> tuple[dict, list]:
             "replicates_with_false_detection_in_other_layers": rate(
                 sum(bool(r["false_detections"]) for r in records), len(records)),
             "false_layer_detections": sum(len(r["false_detections"]) for r in records),
-            "sklearn_on_sketch_found": rate(len(found_sk), len(records)),
-            "jaxleak_detected_given_found_on_sketch": rate(sum(r["vinfo_detected"] for r in found_sk),
-                                                           len(found_sk)),
+            "sklearn_on_reduced_found": rate(len(found_red), len(records)),
+            "jaxleak_detected_given_found_on_reduced": rate(sum(r["vinfo_detected"] for r in found_red),
+                                                            len(found_red)),
             "mean_sklearn_accuracy": float(np.mean([r["sklearn"]["accuracy"] for r in records])),
-            "mean_sklearn_on_sketch_accuracy": float(np.mean([r["sklearn_on_sketch"]["accuracy"] for r in records])),
+            "mean_sklearn_on_reduced_accuracy": float(np.mean([r["sklearn_on_reduced"]["accuracy"]
+                                                               for r in records])),
             "mean_jaxleak_accuracy": float(np.mean([r["vinfo_accuracy"] for r in records])),
             "records": records,
         })
     found_all = [r for lv in levels for r in lv["records"] if r["sklearn"]["found"]]
     pooled = rate(sum(r["vinfo_detected"] for r in found_all), len(found_all))
     out = {
-        "planted_layer": planted, "planted_width": WIDTHS[index], "sketched": is_sketched,
+        "planted_layer": planted, "planted_width": WIDTHS[index], "reduced": is_reduced,
         "goal": "jaxleak detects the planted layer in >= 95% of the replicates where scikit-learn found it",
         "levels": levels,
         "pooled_detected_given_found": pooled,
@@ -352,15 +353,15 @@ def main():
           f"{null_part['subspace_goal_met']})")
     for part in power:
         print(f"planted {part['planted_layer']} (width {part['planted_width']}, "
-              f"{'sketched' if part['sketched'] else 'not sketched'}):")
+              f"{'reduced to ' + str(args.sketch_dim) if part['reduced'] else 'read whole'}):")
         for lv in part["levels"]:
             print(f"  strength {lv['strength']:g} (Bayes acc {lv['bayes_accuracy']:.3f}), {lv['replicates']} reps: "
                   f"sklearn found {fmt(lv['sklearn_found'])}; jaxleak detected | found "
                   f"{fmt(lv['jaxleak_detected_given_found'])}; overall {fmt(lv['jaxleak_detected'])}; "
                   f"false detection in other layers {fmt(lv['replicates_with_false_detection_in_other_layers'])}; "
-                  f"sklearn on sketch found {fmt(lv['sklearn_on_sketch_found'])}, jaxleak | found on sketch "
-                  f"{fmt(lv['jaxleak_detected_given_found_on_sketch'])}; acc sklearn "
-                  f"{lv['mean_sklearn_accuracy']:.3f} / on sketch {lv['mean_sklearn_on_sketch_accuracy']:.3f} / "
+                  f"sklearn on the reduced layer found {fmt(lv['sklearn_on_reduced_found'])}, jaxleak | found there "
+                  f"{fmt(lv['jaxleak_detected_given_found_on_reduced'])}; acc sklearn "
+                  f"{lv['mean_sklearn_accuracy']:.3f} / reduced {lv['mean_sklearn_on_reduced_accuracy']:.3f} / "
                   f"jaxleak {lv['mean_jaxleak_accuracy']:.3f}")
         print(f"  pooled detected | found: {fmt(part['pooled_detected_given_found'])} "
               f"(goal >= 0.95: {part['pooled_goal_met']}); same top {fmt(part['same_top'])}; {part['seconds']:.0f} s")

@@ -12,8 +12,12 @@ from __future__ import annotations
 PROBES = 16
 # Shuffles of z for the subspace distance's permutation null (max-T over layers: enough for any depth).
 PERMUTATIONS = 100
-# Count-sketch width of layers wider than this, for V-information and the studies.
+# V-information reads at most this many features per layer: a wider layer is reduced to its top principal
+# components over the victims' and the attacker's rows (the studies count-sketch their updates to it).
 SKETCH_DIM = 1024
+# Host memory (float32 values) for the per-example gradients V-information reads, all layers and rows: layers
+# that fit come back whole, wider ones count-sketched to the width that fills it (vinfo.feature_width).
+FEATURE_FLOATS = 2 ** 26
 # V-information ensemble: full-batch Adam steps, early-stopping patience, folds of the attacker's
 # cross-validation (or of cross-fitting without auxiliary data), bootstrap resamples (at least).
 VINFO_STEPS = 150

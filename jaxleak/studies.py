@@ -470,8 +470,14 @@ def _vinfo_scores(features, target, config: StudyConfig, sketched: Mapping[str, 
                                          folds=config.vinfo_folds, n_boot=config.vinfo_boot, seed=config.seed,
                                          patience=config.vinfo_patience)
     if sketched:
-        scores.meta["lower_bound"] = (f"layers {sorted(sketched)} were count-sketched to {config.sketch_dim} "
-                                      f"features: a lower bound for the attack family on the full update")
+        from jaxleak.vinfo import LOWER_BOUND_NOTE
+
+        scores.meta["sketched_layers"] = sorted(sketched)
+        scores.meta["lower_bound"] = LOWER_BOUND_NOTE
+        for name in sketched:
+            if scores[name].extras.get("reduced"):
+                scores[name].extras["reduced"]["size"] = int(sketched[name])
+                scores[name].extras["reduced"]["sketch"] = int(np.asarray(features[name]).shape[1])
     scores.meta["observation"] = "shared client update u(S), victim at index 0"
     return scores
 
@@ -584,7 +590,7 @@ class _SettingData:
             self._features = study_updates(self.task, self.ctx.pool_x, self.ctx.pool_y, defense=self.setting.defense,
                                            batch_size=self.setting.batch_size, local_steps=self.setting.local_steps,
                                            lr=c.local_lr, num_updates=_num_updates(c), seed=c.seed,
-                                           sketch_dim=c.sketch_dim)
+                                           sketch_dim=self.width())
         return self._features
 
     def aux(self, victims_target: str):
@@ -597,12 +603,20 @@ class _SettingData:
             self._aux = study_updates(self.task, ctx.aux_x, ctx.aux_y, defense=self.setting.defense,
                                       batch_size=self.setting.batch_size, local_steps=self.setting.local_steps,
                                       lr=c.local_lr, num_updates=int(ctx.aux_info["n"]), seed=c.seed + 1,
-                                      sketch_dim=c.sketch_dim, sketch_seed=c.seed)
+                                      sketch_dim=self.width(), sketch_seed=c.seed)
         features, _, _, victims = self._aux
         return features, (ctx.aux_z if victims_target == "latent" else ctx.aux_x)[victims]
 
+    def width(self) -> int:
+        """The count-sketch width of the updates on the device: every layer whole within the feature budget
+        (victims' and attacker's updates together), wider ones sketched to fill it (:func:`vinfo.feature_width`)."""
+        from jaxleak.vinfo import feature_width
+
+        rows = _num_updates(self.ctx.config) + int(self.ctx.aux_info["n"])
+        return feature_width([layer.size for layer in self.task.layers], rows, self.ctx.config.sketch_dim)
+
     def sketched(self) -> dict[str, int]:
-        return {layer.name: layer.size for layer in self.task.layers if layer.size > self.ctx.config.sketch_dim}
+        return {layer.name: layer.size for layer in self.task.layers if layer.size > self.width()}
 
     def compute(self, measure: str) -> dict:
         c, s = self.ctx.config, self.setting

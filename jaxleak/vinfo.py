@@ -67,17 +67,18 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+import scipy.linalg
 
 from jaxleak import defaults, ensemble
 from jaxleak.errors import InputError, NonFiniteError
-from jaxleak.grads import apply_sketch, make_sketches
 from jaxleak.scores import LayerScores, Score
 from jaxleak.task import Layer, Task
 
 LOWER_BOUND_NOTE = (
-    "layers wider than sketch_dim were count-sketched; a linear attack on a sketch is a linear attack on the "
-    "full gradient, so their values are lower bounds of the full-gradient V-information (for the MLP family, "
-    "an attack on a fixed projection)"
+    "layers wider than sketch_dim were reduced to their top principal components over all rows (see "
+    "reduced_layers; those wider than the feature budget count-sketched first, see sketched_layers); an attack "
+    "on a projection is an attack on the full gradient, so where directions were dropped the values are lower "
+    "bounds of the full-gradient V-information"
 )
 
 
@@ -108,22 +109,84 @@ def _as_features(features: Mapping[str, object]) -> tuple[list[str], list[np.nda
     return names, arrays
 
 
-def _sketch(names: list[str], arrays: list[np.ndarray], dim: int, seed: int) -> tuple[list[np.ndarray], dict]:
-    """Count-sketch the layers wider than ``dim`` (same sketch family as :func:`jaxleak.grads.sketch_grads`)."""
-    stubs = [Layer(name, a.shape[1], (), (), ()) for name, a in zip(names, arrays)]
-    sketches = make_sketches(stubs, dim, seed)
-    out, sketched = [], {}
+def feature_width(sizes: Sequence[int], rows: int, dim: int, floats: int = defaults.FEATURE_FLOATS) -> int:
+    """The width to which :func:`v_information` count-sketches each layer's per-example gradients on the device.
+
+    The largest w >= ``dim`` with rows x sum_l min(P_l, w) <= ``floats``: layers up to w wide come back whole
+    (exact), wider ones as a count sketch of width w, and :func:`_reduce` then takes their principal
+    components on the host. A sketch far wider than ``dim`` keeps weak directions that a sketch of width
+    ``dim`` folds into noise.
+    """
+    sizes = sorted(int(p) for p in sizes)
+    budget = floats // max(int(rows), 1)
+    if sum(sizes) <= budget:
+        return max(int(dim), sizes[-1] if sizes else int(dim))
+    used = 0
+    for i, p in enumerate(sizes):  # water-filling: layers narrower than w whole, the rest at w
+        w = (budget - used) // (len(sizes) - i)
+        if w < p:
+            return max(int(dim), int(w))
+        used += p
+    return max(int(dim), sizes[-1])
+
+
+def _reduce(names: list[str], arrays: list[np.ndarray], dim: int, seed: int,
+            sizes: Mapping[str, int] | None = None) -> tuple[list[np.ndarray], dict]:
+    """Layers wider than ``dim``: their top ``dim`` principal components over all rows, in a random basis.
+
+    Unsupervised (no target is read), over the victims' and the attacker's rows together: the attacker
+    holds both sets of observations. Columns are standardised first (over all rows; constant columns, by
+    :func:`ensemble.constant_floor`, become 0), then the rows are projected on the top ``dim`` principal
+    directions and rotated by a seeded random orthogonal matrix, so that every column mixes the kept
+    directions with about the same spread and the attack's per-column standardisation keeps the geometry
+    of the standardised layer (an L2-penalised linear attack on the result is one on the layer, restricted
+    to the kept directions). When the rows span at most ``dim`` directions (N <= dim) nothing is lost: the
+    inner products of the rows are those of the standardised layer. Returns the features and, per reduced
+    layer, its size, the width it was count-sketched to on the device (``sizes``: the layers' sizes, where
+    the arrays are sketches), the directions kept, whether they are all the rows' directions, and the share
+    of the standardised variance they carry.
+    """
+    out, reduced = [], {}
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5ED]))
     for name, a in zip(names, arrays):
-        sk = sketches[name]
-        if sk is None:
+        n, width = a.shape
+        if width <= dim:
             out.append(a.astype(np.float32))
             continue
-        sketched[name] = int(a.shape[1])
-        apply = jax.jit(lambda g, sk=sk: apply_sketch(sk, g))
-        rows = max(1, 2 ** 24 // a.shape[1])  # bounded device memory per chunk
-        out.append(np.concatenate([np.asarray(apply(np.asarray(a[i:i + rows], np.float32)))
-                                   for i in range(0, a.shape[0], rows)]))
-    return out, sketched
+        mean = a.mean(axis=0, dtype=np.float64)
+        sd = a.std(axis=0, dtype=np.float64)
+        live = sd > ensemble.constant_floor(mean, sd)
+        xs = np.zeros((n, int(live.sum())), np.float32)
+        xs[:] = (a[:, live] - mean[live]) / sd[live]
+        gram = xs.T @ xs if xs.shape[1] <= n else xs @ xs.T  # (W, W) covariance route or (N, N) Gram route
+        m = gram.shape[0]
+        k = min(int(dim), m)
+        if m:  # float64 where it is cheap, the top k alone where it is not
+            if m <= 1024:
+                gram = gram.astype(np.float64)
+            lam, vec = scipy.linalg.eigh(gram, subset_by_index=[m - k, m - 1] if k < m else None,
+                                         driver="evr" if k < m else "evd")
+            lam, vec = lam[::-1].astype(np.float64), ensemble._fix_signs(vec[:, ::-1])  # driver-free signs
+        else:
+            lam, vec = np.zeros(0), np.zeros((0, 0), np.float32)
+        total = float(np.trace(gram, dtype=np.float64))
+        k = int(np.sum(lam > max(total, 0.0) * 1e-6))  # directions above float32's resolution of the Gram
+        rest = total - float(np.sum(lam[:k]))
+        if xs.shape[1] <= n:
+            z = (xs @ vec[:, :k]).astype(np.float64)
+        else:
+            z = vec[:, :k].astype(np.float64) * np.sqrt(lam[:k])
+        if k:
+            q, r = np.linalg.qr(rng.standard_normal((k, k)))
+            z = z @ (q * np.sign(np.diag(r)))
+        else:
+            z = np.zeros((n, 1))
+        exact = bool(k < min(int(dim), m) or rest <= 1e-5 * max(total, 0.0) or k == m)
+        out.append(z.astype(np.float32))
+        size = int((sizes or {}).get(name, width))
+        reduced[name] = {"size": size, "sketch": int(width) if size > width else None, "kept": int(k),
+                         "variance_kept": float(np.sum(lam[:k]) / total) if total > 0 else 1.0, "exact": exact}
+    return out, reduced
 
 
 def _stack(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -457,7 +520,7 @@ def family_wise(scores: dict[str, Score], boots: dict[str, np.ndarray],
     return out
 
 
-def _scores(names: list[str], fitted: _Fitted, *, seed: int, n_boot: int, sketched: dict, sketch_dim: int,
+def _scores(names: list[str], fitted: _Fitted, *, seed: int, n_boot: int, reduced: dict, sketch_dim: int,
             n_aux: int, folds: int, val_fraction: float, steps: int, lr: float, patience, white_box=None
             ) -> LayerScores:
     """Score each layer's selected attack on every victim (learned, or the composite where the white-box
@@ -477,7 +540,7 @@ def _scores(names: list[str], fitted: _Fitted, *, seed: int, n_boot: int, sketch
         else:
             score, boots[name] = _reconstruction_score(scored, t, _data_range(t), idx)
         pairings[name] = pairing(scored, t, kind, perms)
-        extras = {**score.extras, "features": int(fitted.widths[i]), "sketched_from": sketched.get(name)}
+        extras = {**score.extras, "features": int(fitted.widths[i]), "reduced": reduced.get(name)}
         if fit.constant_columns is not None:
             extras["constant_columns"] = int(np.max(fit.constant_columns[i]))
         if white_box and name in white_box:
@@ -520,10 +583,16 @@ def _scores(names: list[str], fitted: _Fitted, *, seed: int, n_boot: int, sketch
         "null": (("Laplace-smoothed class frequencies" if kind == ensemble.CLASSIFICATION
                   else "mean (Gaussian with the best variance)")
                  + (" of the auxiliary examples" if n_aux else " of the training folds")),
-        "lower_bound": LOWER_BOUND_NOTE if sketched else None,
+        "lower_bound": (LOWER_BOUND_NOTE if any(r["sketch"] or not r["exact"] for r in reduced.values())
+                        else None),
         "target_reduced_to": (int(fit.target_basis.shape[2]) if fit.target_basis is not None else None),
         "mix_weights": [float(w) for w in ensemble.MIX_WEIGHTS] if kind == ensemble.CLASSIFICATION else None,
-        "sketched_layers": sorted(sketched),
+        "reduced_layers": sorted(reduced),
+        "sketched_layers": sorted(name for name, r in reduced.items() if r["sketch"]),
+        "reduced": ("a layer wider than sketch_dim: its top sketch_dim principal components over the victims' "
+                    "and the attacker's rows, standardised columns, in a seeded random basis; per layer "
+                    "'reduced': its size, the count-sketch width on the device (null: exact gradients), the "
+                    "directions kept, 'exact' (every direction of the rows kept) and the share of variance kept"),
         "constant_columns": "columns of the layer's features whose spread on a fold's training rows is at most "
                             f"{ensemble.CONSTANT_RTOL:g} of their scale: ignored (the most over folds)",
     }
@@ -582,9 +651,12 @@ def v_information_from_features(
       features: ``{layer: (N, d_l)}`` the victims' observations (per-example
         or sketched gradients, client updates, defended gradients); trailing
         axes beyond the first are flattened. Layers wider than ``sketch_dim``
-        are count-sketched (seeded by ``seed``) to ``sketch_dim`` columns;
-        narrower ones are zero-padded to the widest, which changes neither
-        family. Standardised with the training rows' statistics only.
+        are reduced to their top ``sketch_dim`` principal components over
+        all rows (victims and auxiliary; no target is read), exactly when
+        the rows span at most ``sketch_dim`` directions (see
+        ``meta["reduced_layers"]``); narrower ones are zero-padded to the
+        widest, which changes neither family. Standardised with the
+        training rows' statistics only.
       target: ``(N,)`` integers -> classification, value in **bits**;
         ``(N, ...)`` floats -> reconstruction with Gaussian decoders, value
         in **bits per target dimension**, (1/2) log2(MSE_0 / MSE_G).
@@ -636,12 +708,12 @@ def v_information_from_features(
         raise InputError("give aux_features and aux_target together (the attacker's observations and targets)")
     names, arrays = _as_features(features)
     arrays, n_aux = _with_aux(names, arrays, aux_features)
-    arrays, sketched = _sketch(names, arrays, int(sketch_dim), seed)
+    arrays, reduced = _reduce(names, arrays, int(sketch_dim), seed)
     fitted = _fit(arrays, target, names=names, n_aux=n_aux, aux_target=aux_target, family=learned,
                   weight_decays=weight_decays,
                   seeds=seeds, folds=folds, steps=steps, seed=seed, hidden=hidden, lr=lr, patience=patience,
                   val_fraction=val_fraction, target_dim=target_dim, mlp_features=mlp_features, progress=progress)
-    return _scores(names, fitted, seed=seed, n_boot=n_boot, sketched=sketched, sketch_dim=sketch_dim, n_aux=n_aux,
+    return _scores(names, fitted, seed=seed, n_boot=n_boot, reduced=reduced, sketch_dim=sketch_dim, n_aux=n_aux,
                    folds=folds, val_fraction=val_fraction, steps=steps, lr=lr, patience=patience)
 
 
@@ -662,12 +734,12 @@ def _check_aux(task: Task, aux, latent: bool):
     return xa, ya, xa
 
 
-# The most recent sketched features of v_information (one data set), keyed by a fingerprint of what decides them.
+# The most recent features of v_information (one data set), keyed by a fingerprint of what decides them.
 _LAST_FEATURES: dict = {}
 
 
-def _fingerprint(task: Task, parts, dim: int, seed: int, names: tuple) -> tuple:
-    """A digest of the parameters, the examples and the sketch: equal digests give equal sketched gradients."""
+def _fingerprint(task: Task, parts, dim, seed: int, names: tuple) -> tuple:
+    """A digest of the parameters, the examples and the widths: equal digests give equal features."""
     from jaxleak.compilation import array_digest
 
     return (array_digest(task.params, list(parts)), id(task.apply_fn), id(task.loss_fn), dim, int(seed), names)
@@ -707,7 +779,12 @@ def v_information(
     ``target`` is a latent attribute, an integer array ``(N,)`` (latent
     information, bits), or the string ``"input"`` (original information:
     reconstruct x, bits per input dimension). Features are the per-example
-    gradients ``grads.sketch_grads(task, x, y, dim=sketch_dim, seed=seed)``.
+    gradients ``grads.sketch_grads(task, x, y, dim=w, seed=seed)`` of the
+    victims and the auxiliary examples, w = :func:`feature_width` (layers
+    that fit ``defaults.FEATURE_FLOATS`` come back whole, wider ones as a
+    count sketch of width w), each layer wider than ``sketch_dim`` then
+    reduced to its top ``sketch_dim`` principal components over those rows
+    (as in :func:`v_information_from_features`).
 
     ``aux`` is the attacker's own data, ``(x_aux, y_aux, z_aux)`` for a latent
     target or ``(x_aux, y_aux)`` for ``"input"``: examples disjoint from the
@@ -765,20 +842,23 @@ def v_information(
 
     sel = task.select(layers)
     names = [layer.name for layer in sel]
-    sketched = {layer.name: layer.size for layer in sel if layer.size > sketch_dim}
+    sizes = {layer.name: layer.size for layer in sel}
 
     def features(parts):
-        key = _fingerprint(task, parts, int(sketch_dim), seed, tuple(names))
-        if _LAST_FEATURES.get("key") != key:  # one slot: a run's latent and input measures share the sketches
+        rows = sum(int(xs.shape[0]) for xs, _ in parts)
+        width = feature_width(sizes.values(), rows, int(sketch_dim))
+        key = _fingerprint(task, parts, (width, int(sketch_dim)), seed, tuple(names))
+        if _LAST_FEATURES.get("key") != key:  # one slot: a run's latent and input measures share the features
             _LAST_FEATURES.clear()
-            per_part = [sketch_grads(task, xs, ys, dim=int(sketch_dim), seed=seed, chunk_size=chunk_size,
+            per_part = [sketch_grads(task, xs, ys, dim=width, seed=seed, chunk_size=chunk_size,
                                      layers=layers, progress=progress) for xs, ys in parts]
-            _LAST_FEATURES.update(key=key, arrays=[np.concatenate([np.asarray(f[name]) for f in per_part])
-                                                   for name in names])
+            arrays = [np.concatenate([np.asarray(f[name]) for f in per_part]) for name in names]
+            del per_part
+            _LAST_FEATURES.update(key=key, arrays=_reduce(names, arrays, int(sketch_dim), seed, sizes))
         return _LAST_FEATURES["arrays"]
 
     n_aux, aux_target = 0, None
-    arrays = features([(x, y)] + ([(aux[0], aux[1])] if aux is not None else []))
+    arrays, reduced = features([(x, y)] + ([(aux[0], aux[1])] if aux is not None else []))
     if aux is not None:
         n_aux, aux_target = aux[0].shape[0], aux[2]
     fitted = _fit(arrays, target, names=names, n_aux=n_aux, aux_target=aux_target, family=learned,
@@ -799,7 +879,7 @@ def v_information(
                                         inversion_n=inversion_n, steps=inversion_steps,
                                         restarts=inversion_restarts, seed=seed, progress=progress,
                                         budget_s=None if budget is None else float(budget))
-    scores = _scores(names, fitted, seed=seed, n_boot=n_boot, sketched=sketched, sketch_dim=sketch_dim,
+    scores = _scores(names, fitted, seed=seed, n_boot=n_boot, reduced=reduced, sketch_dim=sketch_dim,
                      n_aux=n_aux, folds=folds, val_fraction=val_fraction, steps=steps, lr=lr, patience=patience,
                      white_box=chosen)
     if info is not None:
