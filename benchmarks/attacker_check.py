@@ -3,7 +3,7 @@
 The setting: digits with the default LeNet trained on 539 examples (``--train-fraction 0.3``), the other
 1,258 split into 449 victims and 809 auxiliary examples of the attacker (``--n 449 --aux-n 809``), latent
 ``thickness``. The reference attacker, written independently of jaxleak, is scikit-learn's logistic
-regression on the same per-layer sketched gradients (standardised with the auxiliary rows' statistics),
+regression on each layer's full per-example gradients (standardised with the auxiliary rows' statistics),
 trained on the auxiliary gradients and scored on the victims: once with C = 1 and once with C chosen by
 5-fold cross-validation on the auxiliary rows. Where either is at least 3 standard errors above chance
 (the victims' majority rate), jaxleak's latent V-information must detect the layer. For original
@@ -71,7 +71,7 @@ def main():
 
     from jaxleak import measures as measures_lib
     from jaxleak import run as run_lib
-    from jaxleak.grads import sketch_grads
+    from jaxleak.grads import layer_grads
 
     config = run_lib.RunConfig(train_fraction=0.3, n=449, aux_n=809, seed=args.seed,
                                measures=("v_information.latent", "v_information.original"))
@@ -82,8 +82,8 @@ def main():
     latent = measures_lib.get("v_information.latent").compute(prep.task, prep.x, prep.y, prep.z, opts, False)
     original = measures_lib.get("v_information.original").compute(prep.task, prep.x, prep.y, prep.z, opts, False)
     seconds = time.time() - started
-    f_vic = sketch_grads(prep.task, prep.x, prep.y, dim=config.sketch_dim, seed=config.seed)
-    f_aux = sketch_grads(prep.task, prep.aux["x"], prep.aux["y"], dim=config.sketch_dim, seed=config.seed)
+    f_vic = layer_grads(prep.task, prep.x, prep.y)  # the reference reads every coordinate of every layer
+    f_aux = layer_grads(prep.task, prep.aux["x"], prep.aux["y"])
     layers = {}
     for name in latent:
         ref = reference_latent(np.asarray(f_aux[name], np.float64), prep.aux["z"],

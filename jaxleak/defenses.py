@@ -32,6 +32,7 @@ configuration with Google's ``dp_accounting`` (RDP or PLD accountant).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Callable, Mapping, NamedTuple, Sequence, Union
 
@@ -464,5 +465,13 @@ def dp_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta:
         return math.inf
     acc = rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant()
     event = dp_event.PoissonSampledDpEvent(float(sampling_rate), dp_event.GaussianDpEvent(float(noise_multiplier)))
-    acc.compose(event, int(steps))
-    return float(acc.get_epsilon(float(delta)))
+    # The RDP accountant warns (through absl) for each order whose series does not converge and leaves that
+    # order out of the minimum over orders: expected for small noise multipliers, not the user's concern.
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        acc.compose(event, int(steps))
+        return float(acc.get_epsilon(float(delta)))
+    finally:
+        log.setLevel(level)

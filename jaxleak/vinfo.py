@@ -109,16 +109,17 @@ def _as_features(features: Mapping[str, object]) -> tuple[list[str], list[np.nda
     return names, arrays
 
 
-def feature_width(sizes: Sequence[int], rows: int, dim: int, floats: int = defaults.FEATURE_FLOATS) -> int:
+def feature_width(sizes: Sequence[int], rows: int, dim: int, floats: int | None = None) -> int:
     """The width to which :func:`v_information` count-sketches each layer's per-example gradients on the device.
 
-    The largest w >= ``dim`` with rows x sum_l min(P_l, w) <= ``floats``: layers up to w wide come back whole
+    The largest w >= ``dim`` with rows x sum_l min(P_l, w) <= ``floats`` (default
+    ``defaults.FEATURE_FLOATS``): layers up to w wide come back whole
     (exact), wider ones as a count sketch of width w, and :func:`_reduce` then takes their principal
     components on the host. A sketch far wider than ``dim`` keeps weak directions that a sketch of width
     ``dim`` folds into noise.
     """
     sizes = sorted(int(p) for p in sizes)
-    budget = floats // max(int(rows), 1)
+    budget = (defaults.FEATURE_FLOATS if floats is None else int(floats)) // max(int(rows), 1)
     if sum(sizes) <= budget:
         return max(int(dim), sizes[-1] if sizes else int(dim))
     used = 0
@@ -852,7 +853,8 @@ def v_information(
             _LAST_FEATURES.clear()
             per_part = [sketch_grads(task, xs, ys, dim=width, seed=seed, chunk_size=chunk_size,
                                      layers=layers, progress=progress) for xs, ys in parts]
-            arrays = [np.concatenate([np.asarray(f[name]) for f in per_part]) for name in names]
+            # one layer's parts at a time are held twice (popped as they are joined)
+            arrays = [np.concatenate([np.asarray(f.pop(name)) for f in per_part]) for name in names]
             del per_part
             _LAST_FEATURES.update(key=key, arrays=_reduce(names, arrays, int(sketch_dim), seed, sizes))
         return _LAST_FEATURES["arrays"]

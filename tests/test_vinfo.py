@@ -506,6 +506,39 @@ def test_weak_signal_in_a_reduced_layer_found_by_scikit_learn_is_detected():
     assert found >= 4, found
 
 
+def test_a_model_layer_is_read_whole_within_the_budget_and_sketched_beyond_it(digits, monkeypatch):
+    """On a model: within ``FEATURE_FLOATS`` every layer's exact gradients are reduced (exactly: 60 rows); a
+    budget too small for the widest layer count-sketches it to the width that fills the budget, and says so."""
+    from jaxleak import defaults, vinfo
+    from jaxleak.grads import layer_grads
+
+    ds = digits.subset(np.arange(60))
+    task = Task.init("mlp", ds, seed=0)
+    z = ds.latent["thickness"]
+    kw = dict(family=("linear",), sketch_dim=64, steps=10, folds=2, n_boot=20)
+    vinfo._LAST_FEATURES.clear()
+    whole = v_information(task, ds.x[:30], ds.y[:30], z[:30], aux=(ds.x[30:], ds.y[30:], z[30:]), **kw)
+    sizes = {layer.name: layer.size for layer in task.layers}
+    wide = [name for name, p in sizes.items() if p > 64]
+    assert wide and whole.meta["reduced_layers"] == wide and whole.meta["sketched_layers"] == []
+    full = layer_grads(task, ds.x, ds.y)
+    for name in wide:
+        r = whole[name]["reduced"]
+        assert r["size"] == sizes[name] and r["sketch"] is None and r["exact"] and r["kept"] <= 59
+        (want,), _ = vinfo._reduce([name], [np.asarray(full[name])], 64, 0)
+        got = vinfo._LAST_FEATURES["arrays"][0][task.layer_names.index(name)]
+        gram = want.astype(np.float64) @ want.T
+        np.testing.assert_allclose(got.astype(np.float64) @ got.T, gram, rtol=0, atol=1e-4 * np.abs(gram).max())
+    widest = max(sizes, key=sizes.get)
+    width = sizes[widest] - 20  # every other layer fits whole; the widest gets 20 columns fewer than it has
+    assert all(p <= width for name, p in sizes.items() if name != widest)
+    monkeypatch.setattr(defaults, "FEATURE_FLOATS", 60 * (sum(sizes.values()) - 20))
+    vinfo._LAST_FEATURES.clear()
+    cut = v_information(task, ds.x[:30], ds.y[:30], z[:30], aux=(ds.x[30:], ds.y[30:], z[30:]), **kw)
+    assert cut.meta["sketched_layers"] == [widest] and cut[widest]["reduced"]["sketch"] == width
+    assert "lower bound" in cut.meta["lower_bound"]
+
+
 def test_input_reconstruction_on_a_model(digits):
     ds = digits.subset(np.arange(150))
     task = Task.init("mlp", ds, seed=0)
