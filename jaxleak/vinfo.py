@@ -65,14 +65,13 @@ import math
 from collections import Counter
 from typing import Mapping, Sequence
 
-import jax
 import numpy as np
 import scipy.linalg
 
 from jaxleak import defaults, ensemble
 from jaxleak.errors import InputError, NonFiniteError
 from jaxleak.scores import LayerScores, Score
-from jaxleak.task import Layer, Task
+from jaxleak.task import Task
 
 LOWER_BOUND_NOTE = (
     "layers wider than sketch_dim were reduced to their top principal components over all rows (see "
