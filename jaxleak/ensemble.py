@@ -246,6 +246,11 @@ class EnsembleFit(NamedTuple):
         width, padding excluded) treated as constant on each fold's rows and
         ignored (spread at most :func:`constant_floor`; see
         :func:`_fold_standardisation`), for the caller's metadata.
+      member_pred: (L, M + 1, S, K) every member's prediction of each scored
+        row, not mixed with the prior (index M: the members' average; under
+        the attacker's split the fold models' average, else the model of the
+        row's fold), in the units of ``heldout_pred``: what the detection test
+        reads for every member (selection never reads it).
     """
 
     members: tuple[Member, ...]
@@ -267,6 +272,7 @@ class EnsembleFit(NamedTuple):
     rows: np.ndarray | None = None
     val_row_loss: np.ndarray | None = None
     constant_columns: np.ndarray | None = None
+    member_pred: np.ndarray | None = None
 
     def decode(self, pred: np.ndarray) -> np.ndarray:
         """(N, r) principal-component coefficients -> (N, D) reconstructions (identity when not reduced)."""
@@ -485,8 +491,7 @@ def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):
         out = jnp.concatenate(outs, axis=1)  # (F, M, N, K)
         val_rows = data["val"]
         if spec.kind == CLASSIFICATION:
-            logits = _logits(out)
-            pred = jax.nn.softmax(logits, axis=-1)
+            pred = jax.nn.softmax(_logits(out), axis=-1)
             # The average of the members' predictions is a member too (index M): a mixture of attack models.
             pred = jnp.concatenate([pred, pred.mean(axis=1, keepdims=True)], axis=1)
             labels = jnp.broadcast_to(data["y"], pred.shape[:-1])
@@ -516,7 +521,12 @@ def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):
             pred_rows = pred[fold_of, chosen[fold_of], jnp.arange(n)]  # (N, K): each row under its own fold
             loss_rows = loss[fold_of, chosen[fold_of], jnp.arange(n)]
         loss_c = loss[folds, chosen]  # (F, N): every row under each fold's chosen member
-        return member_test, chosen, loss_c, pred_rows, loss_rows
+        scored = data["scored"]
+        if spec.shared:
+            member_pred = pred[:, :, scored].mean(axis=0)  # (M + 1, S, K): each member's fold average
+        else:
+            member_pred = jnp.swapaxes(pred[fold_of[scored], :, scored], 0, 1)  # each row under its own fold
+        return member_test, chosen, loss_c, pred_rows, loss_rows, member_pred
 
     val = jnp.concatenate([best_val[f] for f, _, _ in spec.families], axis=2)
     inputs = {name: data[name] for name in ("x", "mu", "inv_sd", "z", "z_isd") if name in data}
@@ -524,7 +534,6 @@ def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):
 
 
 _score_jit = compilation.jit(_score, key="ensemble_score", static_argnames=("spec",))
-
 
 # ---------------------------------------------------------------- set-up on the host
 
@@ -1027,7 +1036,9 @@ def _training_rows(data: dict, rows: np.ndarray) -> dict:
 def _select_and_score(best_params: dict, best_val: dict, best_step: dict, data: dict, spec: _Spec, split: Split,
                       members: tuple[Member, ...], targets: _Targets, steps_run: int) -> EnsembleFit:
     """Each fold's member with the lowest validation loss, its validation gain, and the scored rows' losses."""
-    member_test, chosen, loss_c, pred_rows, loss_rows = _score_jit(best_params, best_val, data, spec=spec)
+    data = {**data, "scored": np.flatnonzero(np.asarray(split.test).any(axis=0)).astype(np.int32)}
+    member_test, chosen, loss_c, pred_rows, loss_rows, member_pred = _score_jit(
+        best_params, best_val, data, spec=spec)
     _check_finite(np.asarray(loss_rows), np.asarray(pred_rows), np.asarray(loss_c), split)
     chosen = np.array(chosen)
     loss_c = np.asarray(loss_c, np.float64)
@@ -1057,7 +1068,7 @@ def _select_and_score(best_params: dict, best_val: dict, best_step: dict, data: 
     val = np.concatenate([np.asarray(best_val[f]) for f, _, _ in spec.families], axis=2)
     return EnsembleFit(members, val, best_step, np.asarray(member_test), chosen, gain, gain_se, heldout_loss,
                        pred, null_rows, null_pred, steps_run, mix, targets.basis, targets.mean, fold_of, rows,
-                       val_row_loss)
+                       val_row_loss, member_pred=np.asarray(member_pred))
 
 
 def _check_finite(loss_rows: np.ndarray, pred_rows: np.ndarray, loss_c: np.ndarray, split: Split) -> None:

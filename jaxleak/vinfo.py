@@ -469,15 +469,44 @@ def pairing(scored: _Scored, t: np.ndarray, kind: str, perms: np.ndarray) -> tup
     return float(np.trace(inner) / rows.size), inner[rows[None, :], perms].mean(axis=1)
 
 
+def _member_pairings(fit: ensemble.EnsembleFit, layer: int, t: np.ndarray, kind: str,
+                     perms: np.ndarray) -> list[tuple[str, tuple[float, np.ndarray]]]:
+    """The :func:`pairing` statistic of every member's victim predictions (``fit.member_pred``) on one layer."""
+    if fit.member_pred is None:
+        return []
+    names = [m.describe() for m in fit.members] + [f"average of the {len(fit.members)} members"]
+    out = []
+    for j, name in enumerate(names):
+        pred = fit.member_pred[layer, j]
+        scored = _Scored(fit.rows, None, None, pred if fit.mix is not None else fit.decode(pred), name, {})
+        out.append((name, pairing(scored, t, kind, perms)))
+    return out
+
+
 def family_wise(scores: dict[str, Score], boots: dict[str, np.ndarray],
-                pairings: dict[str, tuple[float, np.ndarray]], alpha: float = ALPHA) -> dict[str, Score]:
+                pairings: dict[str, tuple[float, np.ndarray]], alpha: float = ALPHA,
+                member_pairings: Mapping[str, Sequence[tuple[str, tuple[float, np.ndarray]]]] | None = None
+                ) -> dict[str, Score]:
     """Detection by the pairing test with max-T over the layers, the detectable gain, and ties.
 
     ``detected``: ``p_adjusted`` below alpha, where ``p_adjusted`` is the
     Westfall-Young max-T p-value of the layer's :func:`pairing` statistic
     over the same permutations for every layer (:func:`jaxleak.scores.max_t`),
     so "detected in k of L layers" has a family-wise error rate of alpha at
-    any L; ``p_pairing`` is the layer's own permutation p-value.
+    any L; ``p_pairing`` is the layer's own permutation p-value (of the
+    selected attack, ``pairings``).
+
+    ``member_pairings``: optionally, per layer, the pairing statistics of
+    every member of the family ((member name, statistic) pairs). The max-T
+    then runs over every (layer, statistic) pair, the selected attack's
+    included, and a layer's ``p_adjusted`` is the smallest of its own:
+    still a family-wise error rate of alpha over the layers (a layer whose
+    gradient is independent of the target makes every one of its statistics
+    a null one), and a member that ranks the victims well but lost the
+    selection on auxiliary log loss (an accurate but overconfident
+    classifier, or an auxiliary set on which the signal is weaker than on
+    the victims) can still show that the layer leaks. ``detected_by`` names
+    the statistic with the smallest adjusted p-value.
     ``detectable``: the gain that the bootstrap test would detect with 80%
     power at the Bonferroni threshold, (z_{1 - alpha/L} + z_{0.8}) bootstrap
     standard errors (conservative: the pairing test is the more powerful).
@@ -490,19 +519,30 @@ def family_wise(scores: dict[str, Score], boots: dict[str, np.ndarray],
     from jaxleak.scores import max_t
 
     names = list(scores)
-    ok = [n for n in names if n in pairings and math.isfinite(pairings[n][0])]
-    p_adjusted, _ = max_t({n: pairings[n][0] for n in ok}, {n: pairings[n][1] for n in ok}, alpha)
+    stats = {}  # (layer, statistic's name) -> (observed, null)
+    for n in names:
+        if n in pairings:
+            stats[(n, "selected attack")] = pairings[n]
+        for member, stat in (member_pairings or {}).get(n, ()):
+            stats[(n, member)] = stat
+    ok = [k for k, (observed, _) in stats.items() if math.isfinite(observed)]
+    p_all, _ = max_t({k: stats[k][0] for k in ok}, {k: stats[k][1] for k in ok}, alpha)
+    p_adjusted, detected_by = {}, {}
+    for (n, member), p in p_all.items():
+        if n not in p_adjusted or p < p_adjusted[n]:
+            p_adjusted[n], detected_by[n] = p, member
     z = float(norm.isf(alpha / max(len(p_adjusted), 1)) + norm.isf(1.0 - POWER))
     out = {}
     for name in names:
         s, p_adj = scores[name], p_adjusted.get(name)
         se = s.extras.get("se", math.nan)
         p_pair = None
-        if name in p_adjusted:
+        if name in pairings and math.isfinite(pairings[name][0]):
             observed, null = pairings[name]
             p_pair = float((1 + np.sum(np.asarray(null) >= observed)) / (np.asarray(null).size + 1))
+        detected = bool(p_adj is not None and p_adj < alpha)
         out[name] = Score(s.value, s.ci, {**s.extras, "p_pairing": p_pair, "p_adjusted": p_adj,
-                                          "detected": bool(p_adj is not None and p_adj < alpha),
+                                          "detected": detected, "detected_by": detected_by[name] if detected else None,
                                           "detectable": z * se if math.isfinite(se) else None})
     detected = [n for n in names if out[n].extras["detected"]]
     top = max(detected, key=lambda n: out[n].value) if detected else None
@@ -529,9 +569,10 @@ def _scores(names: list[str], fitted: _Fitted, *, seed: int, n_boot: int, reduce
     resamples = bootstrap_resamples(n_boot, len(names))
     idx = np.random.default_rng(seed).integers(0, fit.rows.size, size=(resamples, fit.rows.size))
     perms = permutations(fit.rows.size, defaults.VINFO_PERMUTATIONS, seed)
-    scores, boots, pairings = {}, {}, {}
+    scores, boots, pairings, member_pairings = {}, {}, {}, {}
     for i, name in enumerate(names):
         scored = _learned(fit, i)
+        member_pairings[name] = _member_pairings(fit, i, t, kind, perms)
         if white_box and name in white_box:
             learned_only = scored
             scored = _composite(scored, white_box[name])
@@ -551,7 +592,7 @@ def _scores(names: list[str], fitted: _Fitted, *, seed: int, n_boot: int, reduce
             extras["learned_alone"] = {"value": learned_score.value, "ci": list(learned_score.ci),
                                        "p_value": learned_score.extras["p_value"]}
         scores[name] = Score(score.value, score.ci, extras)
-    scores = family_wise(scores, boots, pairings)
+    scores = family_wise(scores, boots, pairings, member_pairings=member_pairings)
     estimator = (f"attack models trained and selected on the auxiliary examples' gradients ({folds}-fold "
                  f"cross-validation inside them: one member chosen by its pooled out-of-fold NLL), each victim "
                  f"scored once by the average of the {folds} fold models" if n_aux else
@@ -572,7 +613,8 @@ def _scores(names: list[str], fitted: _Fitted, *, seed: int, n_boot: int, reduce
         "p_pairing": "permutation p-value of the pairing of the attack's victim predictions with their targets "
                      "(mean log-likelihood, or mean inner product of prediction and target, against shuffled "
                      f"targets; {defaults.VINFO_PERMUTATIONS} permutations, the same for every layer)",
-        "p_adjusted": "Westfall-Young single-step max-T over the layers of the pairing statistic",
+        "p_adjusted": "Westfall-Young single-step max-T over the layers of the pairing statistics of the selected "
+                      "attack and of every member of the family (a layer's smallest; detected_by names it)",
         "detected": f"p_adjusted below {ALPHA}: family-wise error rate {ALPHA} over the {len(names)} layers",
         "detectable": f"the attack gain the bootstrap test would detect with {POWER:.0%} power at the Bonferroni "
                       f"threshold, (z_(1 - {ALPHA}/L) + z_{POWER}) bootstrap standard errors (conservative: the "
