@@ -10,9 +10,10 @@ trained on the auxiliary gradients and scored on the victims: once with C = 1 an
 information the reference is ridge regression (RidgeCV on the auxiliary rows) decoding the image; the
 check is that V-information detects the first layer.
 
-``--setting default`` checks the default ``jaxleak run`` instead (the model trained on its 256 victims, so
-the victims are training examples and the 822 auxiliary examples are not), where the signal of a layer can
-be stronger on the victims than on the attacker's rows.
+``--setting default`` checks the default ``jaxleak run`` instead (LeNet trained on 40% of digits, 256
+victims, 822 auxiliary examples), where a layer's auxiliary log loss can favour a near-prior attack while
+scikit-learn's logistic regression is accurate on the victims (the case that detection by every member's
+pairing statistic covers).
 
 Usage: ``python benchmarks/attacker_check.py [--setting holdout|default] [--seed 0] [--note TEXT]``; writes
 ``benchmarks/results/attacker_check.json`` (``attacker_check_default_seed<S>.json`` for the default
