@@ -639,4 +639,4 @@ def format_table(results: dict) -> str:
 
     return "\n".join([*verdict_lines(results), "", line(cols), sep, *map(line, rows), sep, line(top),
                       "* detected at a family-wise error rate of 5% over the layers (max-T over permutations: of the victims' "
-                      "targets against the attack's predictions for V-information, of z for subspace distance)"])
+                      "targets against the attack models' predictions for V-information, of z for subspace distance)"])
