@@ -41,6 +41,8 @@ def _fmt(v: Any) -> str:
         return f"{v:.4g}"
     if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(a, (int, float)) for a in v):
         return f"[{v[0]:.3g}, {v[1]:.3g}]"
+    if isinstance(v, dict):  # e.g. a layer's reduction record: "size 2416, sketch -, kept 678, ..."
+        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
     return str(v)
 
 
