@@ -288,26 +288,34 @@ def _scikit_learn_finds(fa, za, fv, zv) -> bool:
     return bool(acc >= 0.5 + 3 * np.sqrt(0.25 / zv.size))
 
 
+def _draws_found_by_scikit_learn(first_seed: int, count: int, widths, directions):
+    """Seeds first_seed + 0..count-1: 200 victims and 400 auxiliary rows of planted layers, the planted
+    directions from ``directions(rng) -> (u_victims, u_aux)``; the (seed, fv, zv, fa, za) of each draw that
+    scikit-learn finds (:func:`_scikit_learn_finds`)."""
+    found = []
+    for seed in range(count):
+        rng = np.random.default_rng(first_seed + seed)
+        uv, ua = directions(rng)
+        fv, zv = _planted_layers(rng, 200, widths, uv)
+        fa, za = _planted_layers(rng, 400, widths, ua)
+        if _scikit_learn_finds(fa, za, fv, zv):
+            found.append((seed, fv, zv, fa, za))
+    return found
+
+
 def test_weak_signal_found_by_scikit_learn_is_detected():
     """A weak planted signal in one of eight layers (Bayes accuracy 0.64), 200 victims: in every draw where
     scikit-learn's LogisticRegressionCV is >= 3 se above chance on the victims, the layer is detected
     family-wise. (Detection by the gain's own bootstrap p-value, second order in the signal, with Bonferroni
     over the 8 layers misses 3 of the 8 found draws.)"""
-    found = 0
-    widths = (24, 48, 32, 16, 40, 24, 32, 16)
     u = np.zeros(48)
     u[:6] = 0.35 / np.sqrt(6)
-    for seed in range(16):
-        rng = np.random.default_rng(500 + seed)
-        fv, zv = _planted_layers(rng, 200, widths, u)
-        fa, za = _planted_layers(rng, 400, widths, u)
-        if not _scikit_learn_finds(fa, za, fv, zv):
-            continue
-        found += 1
+    found = _draws_found_by_scikit_learn(500, 16, (24, 48, 32, 16, 40, 24, 32, 16), lambda rng: (u, u))
+    for seed, fv, zv, fa, za in found:
         s = v_information_from_features(fv, zv, aux_features=fa, aux_target=za, family=("linear",), folds=3,
                                         steps=60, n_boot=500, seed=seed)
         assert s["l1"]["detected"], (seed, s["l1"]["p_pairing"], s["l1"]["p_adjusted"], s["l1"].ci)
-    assert found >= 5, found
+    assert len(found) >= 5, len(found)
 
 
 def test_layer_that_leaks_more_on_the_victims_than_on_the_attackers_rows_is_detected():
@@ -317,22 +325,15 @@ def test_layer_that_leaks_more_on_the_victims_than_on_the_attackers_rows_is_dete
     predictions carry nothing, while the linear members rank the victims well. Every draw that
     scikit-learn's LogisticRegressionCV finds must be detected: detection tests every member's victim
     predictions under the max-T (testing only the selected attack misses seed 2 of these draws)."""
-    widths = (24, 96, 32, 16, 40, 24, 32, 16)
     ua, uv = np.zeros(96), np.zeros(96)
     ua[:8], uv[:8] = 0.2 / np.sqrt(8), 1.3 / np.sqrt(8)
-    found = 0
-    for seed in range(8):
-        rng = np.random.default_rng(900 + seed)
-        fv, zv = _planted_layers(rng, 200, widths, uv)
-        fa, za = _planted_layers(rng, 400, widths, ua)
-        if not _scikit_learn_finds(fa, za, fv, zv):
-            continue
-        found += 1
+    found = _draws_found_by_scikit_learn(900, 8, (24, 96, 32, 16, 40, 24, 32, 16), lambda rng: (uv, ua))
+    for seed, fv, zv, fa, za in found:
         s = v_information_from_features(fv, zv, aux_features=fa, aux_target=za, folds=3, steps=60, n_boot=200,
                                         seed=seed)
         assert s["l1"]["detected"], (seed, s["l1"]["best_member"], s["l1"]["p_adjusted"])
         assert s["l1"]["detected_by"] is not None
-    assert found >= 6, found
+    assert len(found) >= 6, len(found)
 
 
 def test_every_member_under_the_max_t_keeps_the_family_wise_error():
@@ -545,22 +546,18 @@ def test_weak_signal_in_a_reduced_layer_found_by_scikit_learn_is_detected():
     """As above, in a layer wider than sketch_dim (96 columns read as 32): every draw where scikit-learn's
     LogisticRegressionCV on the full layer is >= 3 se above chance is detected. (A count sketch to 32 columns
     folds the other 95 directions' noise onto the signal and misses some of them.)"""
-    found = 0
-    widths = (24, 96, 32, 16)
-    for seed in range(12):
-        rng = np.random.default_rng(700 + seed)
+    def direction(rng):
         u = rng.normal(size=96)
         u *= 0.45 / np.linalg.norm(u)
-        fv, zv = _planted_layers(rng, 200, widths, u)
-        fa, za = _planted_layers(rng, 400, widths, u)
-        if not _scikit_learn_finds(fa, za, fv, zv):
-            continue
-        found += 1
+        return u, u
+
+    found = _draws_found_by_scikit_learn(700, 12, (24, 96, 32, 16), direction)
+    for seed, fv, zv, fa, za in found:
         s = v_information_from_features(fv, zv, aux_features=fa, aux_target=za, family=("linear",), folds=3,
                                         steps=60, n_boot=500, sketch_dim=32, seed=seed)
         assert s["l1"]["reduced"]["kept"] == 32
         assert s["l1"]["detected"], (seed, s["l1"]["p_pairing"], s["l1"]["p_adjusted"], s["l1"].ci)
-    assert found >= 4, found
+    assert len(found) >= 4, len(found)
 
 
 def test_a_model_layer_is_read_whole_within_the_budget_and_sketched_beyond_it(digits, monkeypatch):
