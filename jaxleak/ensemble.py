@@ -1036,14 +1036,13 @@ def _training_rows(data: dict, rows: np.ndarray) -> dict:
 def _select_and_score(best_params: dict, best_val: dict, best_step: dict, data: dict, spec: _Spec, split: Split,
                       members: tuple[Member, ...], targets: _Targets, steps_run: int) -> EnsembleFit:
     """Each fold's member with the lowest validation loss, its validation gain, and the scored rows' losses."""
-    data = {**data, "scored": np.flatnonzero(np.asarray(split.test).any(axis=0)).astype(np.int32)}
+    rows = np.flatnonzero(np.asarray(split.test).any(axis=0))  # the scored rows
     member_test, chosen, loss_c, pred_rows, loss_rows, member_pred = _score_jit(
-        best_params, best_val, data, spec=spec)
+        best_params, best_val, {**data, "scored": rows.astype(np.int32)}, spec=spec)
     _check_finite(np.asarray(loss_rows), np.asarray(pred_rows), np.asarray(loss_c), split)
     chosen = np.array(chosen)
     loss_c = np.asarray(loss_c, np.float64)
     num_l, num_f = chosen.shape
-    rows = np.flatnonzero(np.asarray(split.test).any(axis=0))  # the scored rows
     fold_of = np.asarray(split.fold_of)[rows]
     null_rows = targets.null_loss[fold_of, rows]
     null_pred = targets.null_pred[fold_of]
