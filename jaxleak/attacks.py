@@ -425,7 +425,8 @@ def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: in
             return state, jnp.moveaxis(trace, 0, -1), losses
 
         return {"init": compilation.jit(init, key=task.program_key(key)),
-                "advance": compilation.jit(advance, key=task.program_key(key))}
+                # the optimisation loop's run time dominates its compile time (compilation.jit)
+                "advance": compilation.jit(advance, key=task.program_key(key), fast_compile=False)}
 
     return task.cached(key, build)
 

@@ -471,7 +471,9 @@ def _segment(state: _State, data: dict, num_steps, spec: _Spec) -> _State:
 
 _LAYER_KEYS = ("x", "xt", "mu", "inv_sd", "lr", "z", "zt", "z_isd")
 
-_segment_jit = compilation.jit(_segment, key="ensemble_segment", static_argnames=("spec",), donate_argnames=("state",))
+# the training loop's run time dominates its compile time: XLA's default (slower-compiling, faster) emitters
+_segment_jit = compilation.jit(_segment, key="ensemble_segment", static_argnames=("spec",), donate_argnames=("state",),
+                               fast_compile=False)
 
 
 def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):

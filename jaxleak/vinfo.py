@@ -161,12 +161,15 @@ def _reduce(names: list[str], arrays: list[np.ndarray], dim: int, seed: int,
         gram = xs.T @ xs if xs.shape[1] <= n else xs @ xs.T  # (W, W) covariance route or (N, N) Gram route
         m = gram.shape[0]
         k = min(int(dim), m)
-        if m:  # float64 where it is cheap, the top k alone where it is not
-            if m <= 1024:
+        if m:  # float64 where it is cheap; the top k alone where they are a small part of the spectrum
+            if m <= 4096:
                 gram = gram.astype(np.float64)
-            lam, vec = scipy.linalg.eigh(gram, subset_by_index=[m - k, m - 1] if k < m else None,
-                                         driver="evr" if k < m else "evd")
-            lam, vec = lam[::-1].astype(np.float64), ensemble._fix_signs(vec[:, ::-1])  # driver-free signs
+            # divide and conquer on the whole spectrum is several times faster than the subset driver unless
+            # k is a small fraction of m (1078 rows, top 1024: 0.19 s against 0.38 s)
+            subset = 2 * k < m
+            lam, vec = scipy.linalg.eigh(gram, subset_by_index=[m - k, m - 1] if subset else None,
+                                         driver="evr" if subset else "evd")
+            lam, vec = lam[::-1][:k].astype(np.float64), ensemble._fix_signs(vec[:, ::-1][:, :k])  # driver-free signs
         else:
             lam, vec = np.zeros(0), np.zeros((0, 0), np.float32)
         total = float(np.trace(gram, dtype=np.float64))

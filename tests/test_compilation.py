@@ -117,3 +117,35 @@ def test_count_compilations():
     assert first.count == 1 and first.compile_s > 0 and first.cache_hits == 0
     assert second.count == 0 and second.compile_s == 0
     assert set(first.timing()) == {"compilations", "compile_cache_hits", "compile_s", "trace_s"}
+
+
+def test_fast_compile_options_on_the_cpu_and_their_fallback(monkeypatch):
+    assert compilation.fast_compile_options() == {"xla_cpu_use_fusion_emitters": False}
+    # an XLA that does not know the option: compiled with its defaults, no error
+    monkeypatch.setattr(compilation, "_FAST_COMPILE_CPU", {"xla_no_such_option_of_any_xla": True})
+    compilation.fast_compile_options.cache_clear()
+    try:
+        assert compilation.fast_compile_options() == {}
+    finally:
+        monkeypatch.undo()
+        compilation.fast_compile_options.cache_clear()
+    assert compilation.jit(lambda x: x, key=None)._options == {"xla_cpu_use_fusion_emitters": False}
+    assert compilation.jit(lambda x: x, key=None, fast_compile=False)._options is None
+    given = compilation.jit(lambda x: x, key=None, compiler_options={"xla_backend_optimization_level": 0})
+    assert given._options == {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0}
+
+
+def test_fast_compiled_program_gives_the_same_values_and_nests():
+    def f(x, w):
+        h = jnp.tanh(jnp.einsum("bi,ij->bj", x, w))
+        return jnp.sum(jnp.exp(-h) * jnp.log1p(h * h), axis=1), jax.grad(lambda w_: jnp.sum(jnp.sin(x @ w_)))(w)
+
+    x = jax.random.normal(jax.random.key(0), (64, 33))
+    w = jax.random.normal(jax.random.key(1), (33, 17))
+    fast = compilation.jit(f, key=None)
+    plain = compilation.jit(f, key=None, fast_compile=False)
+    for a, b in zip(fast(x, w), plain(x, w)):
+        assert jnp.array_equal(a, b)
+    # inside another jit the program is part of that one's (JAX takes no options on a nested jit)
+    outer = jax.jit(lambda x, w: fast(x, w)[0] * 2.0)
+    assert jnp.array_equal(outer(x, w), 2.0 * plain(x, w)[0])
