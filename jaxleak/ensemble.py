@@ -229,8 +229,11 @@ class EnsembleFit(NamedTuple):
       null_loss: (S,) loss of the ignorant predictor of the row's fold (smoothed
         class frequencies, or the training mean).
       null_pred: (S, K) its prediction.
-      steps_run: optimisation steps taken (less than asked when every member
-        stopped improving for ``patience`` steps).
+      steps_run: optimisation steps of the layer that trained longest (less
+        than asked when every layer stopped: none of its members improved
+        for ``patience`` steps).
+      layer_steps: (L,) the optimisation steps each layer trained (0 where
+        every member was solved in closed form).
       mix: (L, F) classification: weight of the prior in the held-out
         prediction ``(1 - mix) p_member + mix p_prior``, chosen on validation
         rows from ``MIX_WEIGHTS``.
@@ -273,6 +276,7 @@ class EnsembleFit(NamedTuple):
     val_row_loss: np.ndarray | None = None
     constant_columns: np.ndarray | None = None
     member_pred: np.ndarray | None = None
+    layer_steps: np.ndarray | None = None
 
     def decode(self, pred: np.ndarray) -> np.ndarray:
         """(N, r) principal-component coefficients -> (N, D) reconstructions (identity when not reduced)."""
@@ -448,11 +452,15 @@ def _segment(state: _State, data: dict, num_steps, spec: _Spec) -> _State:
     def where_better(better, new, old):
         return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new, old)
 
-    def run_layer(index, full: _State) -> _State:
+    def train_layer(index, full: _State) -> _State:
         layer = {name: data[name][index] for name in _LAYER_KEYS if name in data}
         s = jax.tree.map(lambda a: a[index], full)
         s = jax.lax.fori_loop(0, num_steps, lambda i, s_: body(layer, s_), s)
         return jax.tree.map(lambda a, v: a.at[index].set(v), full, s)
+
+    def run_layer(index, full: _State) -> _State:
+        # a layer whose members have all stopped improving is left as it is (see _train)
+        return jax.lax.cond(data["active"][index], lambda f: train_layer(index, f), lambda f: f, full)
 
     def body(layer, s: _State) -> _State:
         (_, vals), grads = jax.value_and_grad(_total, has_aux=True)(s.params, spec, data, layer)
@@ -837,17 +845,21 @@ def _train(state: _State, data: dict, spec: _Spec, steps: int, segment: int, pat
 
         bar = tqdm(total=int(steps), desc="attack ensemble", unit="step", leave=False)
     done = 0
+    active = np.ones(data["lr"].shape[0], bool)
     try:
-        while done < steps:
+        while done < steps and active.any():
             count = min(segment, steps - done)
-            state = _segment_jit(state, data, jnp.int32(count), spec=spec)
+            state = _segment_jit(state, {**data, "active": active}, jnp.int32(count), spec=spec)
             done += count
             if bar is not None:
                 bar.update(count)
             if patience is not None:
+                # a layer stops once none of its members (any family, fold or seed) has improved its validation
+                # loss for `patience` steps: how long a layer trains depends on that layer alone
                 last = np.asarray(state.step)[:, None, None] - 1
-                if all(np.all(last - np.asarray(s) > patience) for s in state.best_step.values()):
-                    break
+                active = np.zeros_like(active)
+                for best in state.best_step.values():
+                    active |= np.any(last - np.asarray(best) <= patience, axis=(1, 2))
     finally:
         if bar is not None:
             bar.close()
@@ -872,7 +884,7 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
       widths: (L,) true width of each layer before padding (default W).
       steps: step budget of full-batch Adam at learning rate ``lr`` (>= 2),
         scaled per layer by :func:`layer_lr`.
-      patience: stop early once no member of any layer or fold has improved
+      patience: stop a layer early once none of its members (in any fold) has improved
         its validation loss for this many steps (None: run all steps). Each
         member keeps the parameters of its best validation step after at
         least one update.
@@ -979,6 +991,7 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     shape = lambda m: (num_l, num_f, m)  # noqa: E731
     done = 0
     best_params, best_val, best_step = {}, {}, {}
+    layer_steps = np.zeros(num_l, np.int64)
     if trained:
         params = _init_params(train_spec, [mem for mem in members if not (closed_form and mem.family == "linear")],
                               (num_l, num_f), in_widths, k, targets.b0)
@@ -989,6 +1002,7 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
         state, done = _train(state, jax.device_put(train_data), train_spec, int(steps),
                              int(segment or max(10, steps // 20)), patience, progress)
         best_params, best_val, best_step = dict(state.best_params), dict(state.best_val), dict(state.best_step)
+        layer_steps = np.asarray(state.step, np.int64)
     if closed_form:
         wds = np.asarray([mem.weight_decay for mem in members if mem.family == "linear"], np.float64)
         best_params["linear"], val = _ridge(x, mu, inv_sd, np.asarray(data["t_train"]), split.train, split.val, wds)
@@ -996,7 +1010,7 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
         best_step["linear"] = np.full(shape(wds.size), CLOSED_FORM, np.int32)
     scoring = {key: value for key, value in data.items() if key not in ("xt", "zt")}  # transposes train only
     fit = _select_and_score(best_params, best_val, best_step, scoring, spec, split, members, targets, done)
-    return fit._replace(constant_columns=constant_columns)
+    return fit._replace(constant_columns=constant_columns, layer_steps=layer_steps)
 
 
 def _init_state(params: dict, num_layers: int) -> _State:

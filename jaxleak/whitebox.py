@@ -207,13 +207,14 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
     if m < 4:
         raise InputError(f"the white-box family needs at least 4 auxiliary comparison rows, got {m}; "
                          f"raise inversion_n or the auxiliary examples")
-    xs = np.concatenate([x[vi], xa[av]])
     import time
 
     t0 = time.perf_counter()
-    recon, label_source = _reconstruct(task, names, xs, np.concatenate([y[vi], aux[1][av]]), steps=steps,
-                                       restarts=restarts, seed=seed, progress=progress, budget_s=budget_s)
-    spent = time.perf_counter() - t0
+    # First the auxiliary comparison rows alone: the selection reads nothing else. The victims' subsample is
+    # inverted afterwards, and only when some layer's white-box member is selected (its reconstructions are
+    # read for selected layers only).
+    recon_a, label_source = _reconstruct(task, names, xa[av], aux[1][av], steps=steps, restarts=restarts,
+                                         seed=seed, progress=progress, budget_s=budget_s)
     k = vi.size
     latent = fitted.kind == ensemble.CLASSIFICATION
     if latent:
@@ -225,23 +226,18 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
     else:
         mean = fit.target_mean[0]
         xa_flat = xa[av].reshape(m, -1)
-    chosen, layers = {}, {}
-    skipped = [name for name in names if name not in recon]
+    layers, fitted_rule = {}, {}
+    skipped = [name for name in names if name not in recon_a]
     for i, name in enumerate(names):
         learned_rows = np.asarray(fit.val_row_loss[i, av_rows], np.float64)
         if name in skipped:
             layers[name] = {"aux_loss_learned": float(learned_rows.mean()), "selected": False,
                             "skipped": "not inverted: the white-box time budget was spent"}
             continue
-        r_v, r_a = recon[name][:k], recon[name][k:]
+        r_a = recon_a[name]
         entry = {"aux_loss_learned": float(learned_rows.mean()), "label_source": label_source[name]}
-        rows_v = vi
-        if label_source[name] == "closed form":
-            # free: the closed form reads every victim (in groups of bounded memory), not only the subsample
-            rows_v = np.arange(n_victims)
-            r_v = _closed_form_all(task, x[:n_victims], y[:n_victims], name)
         if latent:
-            p_a, p_v = _class_probs(clf, r_a, num_classes), _class_probs(clf, r_v, num_classes)
+            p_a = _class_probs(clf, r_a, num_classes)
 
             def best_weight(rows, p_a=p_a):
                 losses = [_mixed_loss(p_a[rows], za[rows], prior, w).mean() for w in ensemble.MIX_WEIGHTS]
@@ -249,18 +245,51 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
 
             inv_rows = _cross_fitted(best_weight, lambda w, rows, p_a=p_a: _mixed_loss(p_a[rows], za[rows], prior, w),
                                      m, seed)
-            w = best_weight(np.arange(m))
+            fitted_rule[name] = w = best_weight(np.arange(m))
             entry["prior_weight"] = float(w)
-            victim = dict(loss=_mixed_loss(p_v, t[rows_v], prior, w), pred=(1.0 - w) * p_v + w * prior[None],
-                          member="inversion: this layer's reconstruction read by an attribute classifier",
-                          extras={"prior_weight_inversion": float(w)})
         else:
             inv_rows = _cross_fitted(lambda rows, r_a=r_a: _shrink(r_a[rows], xa_flat[rows], mean),
                                      lambda a, rows, r_a=r_a: np.sum(np.square(mean + a * (r_a[rows] - mean)
                                                                               - xa_flat[rows]), axis=1),
                                      m, seed)
-            a = _shrink(r_a, xa_flat, mean)
+            fitted_rule[name] = a = _shrink(r_a, xa_flat, mean)
             entry["shrink"] = a
+        gain, ci = paired_gain(learned_rows, inv_rows, seed + 7 * i)
+        entry.update(aux_loss_inversion=float(inv_rows.mean()), aux_gain=gain, aux_gain_ci=list(ci),
+                     selected=bool(ci[0] > 0.0), victims=0)
+        layers[name] = entry
+    selected = [name for name in names if layers[name]["selected"]]
+    recon_v = {}
+    if any(label_source[name] != "closed form" for name in selected):
+        # every layer inverted above (the same program as the comparison rows'); the victims' own random starts
+        left = None if budget_s is None else budget_s - (time.perf_counter() - t0)
+        if left is None or left > 0:
+            inverted = [name for name in names if name in recon_a and label_source[name] != "closed form"]
+            recon_v, _ = _reconstruct(task, inverted, x[vi], y[vi], steps=steps, restarts=restarts, seed=seed + 1,
+                                      progress=progress, budget_s=left)
+    spent = time.perf_counter() - t0
+    chosen = {}
+    for name in selected:
+        entry = layers[name]
+        rows_v = vi
+        if label_source[name] == "closed form":
+            # free: the closed form reads every victim (in groups of bounded memory), not only the subsample
+            rows_v = np.arange(n_victims)
+            r_v = _closed_form_all(task, x[:n_victims], y[:n_victims], name)
+        elif name in recon_v:
+            r_v = recon_v[name]
+        else:
+            entry.update(selected=False, skipped="victims not inverted: the white-box time budget was spent")
+            skipped.append(name)
+            continue
+        if latent:
+            w = fitted_rule[name]
+            p_v = _class_probs(clf, r_v, num_classes)
+            victim = dict(loss=_mixed_loss(p_v, t[rows_v], prior, w), pred=(1.0 - w) * p_v + w * prior[None],
+                          member="inversion: this layer's reconstruction read by an attribute classifier",
+                          extras={"prior_weight_inversion": float(w)})
+        else:
+            a = fitted_rule[name]
             mu_v = mean + a * (r_v - mean)
             target_v = x[rows_v].reshape(rows_v.size, -1)
             victim = dict(loss=np.sum(np.square(mu_v - target_v), axis=1),
@@ -269,13 +298,8 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
                                   if label_source[name] == "closed form" else
                                   f"inversion: Inverting Gradients on this layer, shrink {a:.3g}"),
                           extras={"shrink": a})
-        gain, ci = paired_gain(learned_rows, inv_rows, seed + 7 * i)
-        entry.update(aux_loss_inversion=float(inv_rows.mean()), aux_gain=gain, aux_gain_ci=list(ci),
-                     selected=bool(ci[0] > 0.0))
         entry["victims"] = int(rows_v.size)
-        if entry["selected"]:
-            chosen[name] = dict(rows=rows_v, **victim)
-        layers[name] = entry
+        chosen[name] = dict(rows=rows_v, **victim)
     info = {"victims": int(k), "aux_rows": int(m), "steps": int(steps), "restarts": int(restarts),
             "labels": dict(label_source), "budget_s": budget_s, "seconds": spent, "skipped": skipped,
             "label_rule": "each layer's reconstruction reads its own gradient only: a first Dense layer gives its "
@@ -286,8 +310,8 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
                          "rows uses the shrinkage or prior weight fitted on the other half",
             "scoring": "a selected layer is scored on every victim: the white-box member on the victims listed in "
                        "'victim_rows' (on every victim for a closed-form layer: layers[l].victims), the learned "
-                       "member on the others",
-            "victim_rows": vi.tolist(),
+                       "member on the others; the victims are inverted only when some layer is selected",
+            "victim_rows": vi.tolist(), "victims_inverted": bool(recon_v),
             "aux_loss": "mean per-example loss on the auxiliary rows "
             + ("(nats)" if latent else "(squared error summed over the input)"), "layers": layers}
     return chosen, info

@@ -154,6 +154,27 @@ def test_attacker_split_never_trains_or_selects_on_victims():
     assert not np.allclose(clean.heldout_loss, poisoned.heldout_loss)
 
 
+def test_a_layer_trains_as_long_as_its_own_members_improve():
+    """Early stopping is per layer: a pure-noise layer (its members stop improving within a few steps) stops
+    after `patience` more steps while a layer with a signal goes on, and the noise layer's fit is the same
+    whatever layer it is fitted beside (a layer is judged on its own gradient)."""
+    rng = np.random.default_rng(11)
+    n_v, n_a, width = 60, 300, 8
+    signal = rng.normal(size=(n_v + n_a, width)).astype(np.float32)
+    y = (signal @ rng.normal(size=width) + 0.3 * rng.normal(size=n_v + n_a) > 0).astype(np.int32)
+    noise = rng.normal(size=(n_v + n_a, width)).astype(np.float32)
+    split = ensemble.attacker_split(n_v, n_a, 3, seed=0, strata=y[n_v:])
+    members = ensemble.make_members(("linear",), (1e-3, 1e-2), seeds=1)
+    kw = dict(kind="classification", num_classes=2, steps=120, lr=0.002, patience=20, segment=10)
+    both = ensemble.fit_ensemble(np.stack([noise, signal]), y, split, members, **kw)
+    assert both.layer_steps[1] == 120 and both.layer_steps[0] < 120, both.layer_steps  # noise stops early
+    assert both.steps_run == 120
+    alone = ensemble.fit_ensemble(np.stack([noise, noise]), y, split, members, **kw)
+    assert alone.layer_steps[0] == both.layer_steps[0]
+    for field in ("best_step", "val_loss", "chosen", "heldout_loss"):
+        np.testing.assert_allclose(getattr(alone, field)[0], getattr(both, field)[0], rtol=1e-5, atol=1e-7)
+
+
 def _noise_layers(rng, n, layers=5, width=40):
     return {f"layer{i}": rng.normal(size=(n, width)).astype(np.float32) for i in range(layers)}
 

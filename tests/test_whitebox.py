@@ -53,8 +53,13 @@ def test_layers_that_inversion_breaks_are_detected(setting, input_scores):
     first = task.layer_names[0]
     assert info["layers"][first]["selected"] and scores[first]["mse"] < 1e-8
     assert scores[first].value > 5 * scores[first]["learned_alone"]["value"]
+    # the victims' subsample is inverted only for selected layers (the closed form reads them anyway)
+    assert info["victims_inverted"] == any(entry["selected"] and info["labels"][name] != "closed form"
+                                           for name, entry in info["layers"].items())
     for name, entry in info["layers"].items():
         assert scores[name]["scored"] == 40  # every layer on every victim
+        if not entry["selected"]:
+            assert entry["victims"] == 0
         # selected only with a paired margin on aux: the family does no worse on aux than the learned attack
         assert entry["selected"] == (entry["aux_gain_ci"][0] > 0)
         if entry["selected"]:
