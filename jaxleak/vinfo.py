@@ -790,6 +790,35 @@ def _fingerprint(task: Task, parts, dim, seed: int, names: tuple) -> tuple:
     return (array_digest(task.params, list(parts)), id(task.apply_fn), id(task.loss_fn), dim, int(seed), names)
 
 
+def _exact_gradients(task: Task, sel, layers, width: int, seed: int, chunk_size: int | None, n_victims: int):
+    """``(x, y, names) -> {name: (k, P)}`` exact per-example gradients for the white-box family.
+
+    Layers that the features hold whole (at most ``width`` parameters) come from the features' own compiled
+    program: the rows are padded to the victims' chunk, so no program is compiled for them (on the default
+    run that saves the compilation of a gradient program); wider layers from :func:`grads.layer_grads`.
+    """
+    from jaxleak.grads import default_chunk_size, layer_grads, sketch_grads
+
+    chunk = int(chunk_size) if chunk_size else default_chunk_size(task, sel, n_victims)
+
+    def gradients(xs, ys, names):
+        whole = [name for name in names if task.layer(name).size <= width]
+        out = {}
+        if whole:
+            k = xs.shape[0]
+            pad = max(chunk - k, 0)
+            xp = np.concatenate([xs, np.repeat(xs[:1], pad, axis=0)]) if pad else xs
+            yp = np.concatenate([ys, np.repeat(ys[:1], pad, axis=0)]) if pad else ys
+            g = sketch_grads(task, xp, yp, dim=width, seed=seed, chunk_size=chunk, layers=layers)
+            out.update({name: g[name][:k] for name in whole})
+        rest = [name for name in names if name not in out]
+        if rest:
+            out.update(layer_grads(task, xs, ys, layers=rest))
+        return {name: out[name] for name in names}
+
+    return gradients
+
+
 def v_information(
     task: Task,
     x,
@@ -892,6 +921,7 @@ def v_information(
     def features(parts):
         rows = sum(int(xs.shape[0]) for xs, _ in parts)
         width = feature_width(sizes.values(), rows, int(sketch_dim))
+        used["width"] = width
         key = _fingerprint(task, parts, (width, int(sketch_dim)), seed, tuple(names))
         if _LAST_FEATURES.get("key") != key:  # one slot: a run's latent and input measures share the features
             _LAST_FEATURES.clear()
@@ -903,6 +933,7 @@ def v_information(
             _LAST_FEATURES.update(key=key, arrays=_reduce(names, arrays, int(sketch_dim), seed, sizes))
         return _LAST_FEATURES["arrays"]
 
+    used: dict = {}
     n_aux, aux_target = 0, None
     arrays, reduced = features([(x, y)] + ([(aux[0], aux[1])] if aux is not None else []))
     if aux is not None:
@@ -924,7 +955,9 @@ def v_information(
         chosen, info = inversion_family(task, names, fitted, x, y, aux, n_victims=x.shape[0],
                                         inversion_n=inversion_n, steps=inversion_steps,
                                         restarts=inversion_restarts, seed=seed, progress=progress,
-                                        budget_s=None if budget is None else float(budget))
+                                        budget_s=None if budget is None else float(budget),
+                                        gradients=_exact_gradients(task, sel, layers, used["width"], seed,
+                                                                   chunk_size, x.shape[0]))
     scores = _scores(names, fitted, seed=seed, n_boot=n_boot, reduced=reduced, sketch_dim=sketch_dim,
                      n_aux=n_aux, folds=folds, val_fraction=val_fraction, steps=steps, lr=lr, patience=patience,
                      white_box=chosen)

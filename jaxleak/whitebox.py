@@ -89,25 +89,31 @@ _GRADIENT_FLOATS = 2 ** 26
 
 
 def _reconstruct(task: Task, names, x, y, *, steps: int, restarts: int, seed: int, progress: bool,
-                 budget_s: float | None = None):
+                 budget_s: float | None = None, gradients=None):
     """Per layer, (k, D) reconstruction of each example from that layer's gradient alone, and how it was made.
 
     The first Dense layer's input comes in closed form; the other layers run Inverting Gradients (one
     jitted computation per group of layers, within ``budget_s`` seconds: layers of groups not started for
     the budget are absent from the result). The examples' per-example gradients, k x P floats for all
     layers, are formed for a few layers at a time (at most ``_GRADIENT_FLOATS`` floats, or one layer)
-    and freed after that group's attack, so memory does not grow with the model's size.
+    and freed after that group's attack, so memory does not grow with the model's size. ``gradients``:
+    ``(x, y, names) -> {name: (k, P)}``, the exact per-example gradients of those layers (default
+    :func:`jaxleak.grads.layer_grads`), e.g. from a program the caller has compiled already.
     """
     import time
 
     from jaxleak.attacks import invert_layers
     from jaxleak.grads import layer_grads
 
+    if gradients is None:
+        def gradients(xs, ys, layers):
+            return layer_grads(task, xs, ys, layers=layers)
+
     started = time.perf_counter()
     recon, how = {}, {}
     closed = closed_form_layer(task)
     if closed in names:
-        g = layer_grads(task, x, y, layers=[closed])[closed]
+        g = gradients(x, y, [closed])[closed]
         recon[closed] = _closed_form(task, np.asarray(g, np.float64))
         how[closed] = "closed form"
     chunks, chunk, floats = [], [], 0
@@ -124,7 +130,7 @@ def _reconstruct(task: Task, names, x, y, *, steps: int, restarts: int, seed: in
         left = None if budget_s is None else budget_s - (time.perf_counter() - started)
         if left is not None and left <= 0:
             break
-        g = layer_grads(task, x, y, layers=chunk)
+        g = gradients(x, y, chunk)
         # labels optimised jointly in every layer: one compiled program for all layers (the last layer's exact
         # recovery from its own bias gradient would be a second one)
         results = invert_layers(task, g, layers=chunk, restarts=restarts, steps=steps, seed=seed,
@@ -187,7 +193,8 @@ def _mixed_loss(p, codes, prior, weight):
 
 
 def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, inversion_n: int, steps: int,
-                     restarts: int, seed: int, progress: bool = False, budget_s: float | None = None):
+                     restarts: int, seed: int, progress: bool = False, budget_s: float | None = None,
+                     gradients=None):
     """Per layer, the white-box member where it beats the learned ones on auxiliary validation rows.
 
     ``fitted`` is the learned families' fit on the attacker split (victims
@@ -195,6 +202,7 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
     Returns ``({layer: white-box fields on its victim subsample}, info)``: the
     fields of the layers where the white-box member was selected (rows,
     per-row loss and prediction), and what was compared for every layer.
+    ``gradients``: see :func:`_reconstruct`.
     """
     fit, split, t = fitted.fit, fitted.split, fitted.t
     xa = aux[0]
@@ -214,7 +222,7 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
     # inverted afterwards, and only when some layer's white-box member is selected (its reconstructions are
     # read for selected layers only).
     recon_a, label_source = _reconstruct(task, names, xa[av], aux[1][av], steps=steps, restarts=restarts,
-                                         seed=seed, progress=progress, budget_s=budget_s)
+                                         seed=seed, progress=progress, budget_s=budget_s, gradients=gradients)
     k = vi.size
     latent = fitted.kind == ensemble.CLASSIFICATION
     if latent:
@@ -266,7 +274,7 @@ def inversion_family(task: Task, names, fitted, x, y, aux, *, n_victims: int, in
         if left is None or left > 0:
             inverted = [name for name in names if name in recon_a and label_source[name] != "closed form"]
             recon_v, _ = _reconstruct(task, inverted, x[vi], y[vi], steps=steps, restarts=restarts, seed=seed + 1,
-                                      progress=progress, budget_s=left)
+                                      progress=progress, budget_s=left, gradients=gradients)
     spent = time.perf_counter() - t0
     chosen = {}
     for name in selected:

@@ -189,3 +189,31 @@ def test_white_box_budget_cuts_the_family_short_and_says_so(setting, monkeypatch
     assert scores["Dense_2"]["scored"] == 24  # still scored, by the learned member, on every victim
     with pytest.raises(InputError, match="inversion_budget_s"):
         v_information(task, victims.x[:24], victims.y[:24], "input", aux=(aux.x, aux.y), inversion_budget_s=-1)
+
+
+def test_white_box_reads_the_features_program_for_the_layers_it_holds_whole():
+    """The white-box family's gradients: layers the features hold whole come from the features' compiled
+    program (rows padded to its chunk: nothing is traced again), wider ones from layer_grads; all equal the
+    exact per-example gradients."""
+    from jaxleak import grads
+    from jaxleak.vinfo import _exact_gradients
+
+    ds = data.load("digits")
+    task = Task.init("lenet", ds, seed=0)
+    sel = task.select(None)
+    names = task.layer_names
+    width = 1000  # Conv_0 (156) and Dense_2 (850) whole; the others sketched in the features
+    whole = [name for name in names if task.layer(name).size <= width]
+    assert 0 < len(whole) < len(names)
+    grads.sketch_grads(task, ds.x[:40], ds.y[:40], dim=width, seed=0, chunk_size=16)  # the features' program
+    key = ("sketch_grads", tuple(names), width, 0)
+    traced = grads.TRACE_COUNTS[key]
+    assert traced >= 1
+    gradients = _exact_gradients(task, sel, None, width, 0, 16, 40)
+    got = gradients(ds.x[50:57], ds.y[50:57], names)
+    assert grads.TRACE_COUNTS[key] == traced  # the same program, not traced again
+    want = grads.layer_grads(task, ds.x[50:57], ds.y[50:57])
+    assert list(got) == names
+    for name in names:
+        assert got[name].shape == want[name].shape
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
