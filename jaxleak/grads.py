@@ -844,11 +844,16 @@ def _sketch_arrays(sketched: tuple[tuple[int, int], ...], dim: int, root) -> lis
 
 
 def apply_sketch(sketch: CountSketch | None, g: jax.Array) -> jax.Array:
-    """Sketch rows of ``g`` (B, P_l) -> (B, dim); identity when ``sketch`` is None."""
+    """Sketch rows of ``g`` (B, P_l) -> (B, dim); identity when ``sketch`` is None.
+
+    The scatter runs along the leading axis of (P_l, B) into (dim, B): each parameter adds a contiguous row
+    of B values (on the 2-core CPU about 10x faster than scattering columns of the (B, P_l) layout, with the
+    same sums in the same order).
+    """
     if sketch is None:
         return g
-    out = jnp.zeros((g.shape[0], sketch.dim), g.dtype)
-    return out.at[:, sketch.buckets].add(g * sketch.signs)
+    out = jnp.zeros((sketch.dim, g.shape[0]), g.dtype)
+    return out.at[sketch.buckets].add((g * sketch.signs).T).T
 
 
 def _compiled_sketch_grads(task: Task, layers: Sequence[Layer], dim: int, seed: int) -> Callable:

@@ -504,6 +504,24 @@ def test_count_sketch_preserves_inner_products_in_expectation():
     assert 0.6 < estimates.var(ddof=1) / var < 1.5
 
 
+def test_count_sketch_is_the_signed_bucket_sums():
+    """apply_sketch against np.add.at in float64: out[b, h(j)] += s(j) g[b, j], every bucket and example."""
+    jax.config.update("jax_enable_x64", True)
+    try:
+        rng = np.random.default_rng(1)
+        p, dim, b = 5000, 96, 7
+        layer = Layer("w", p, (0,), ((p,),), ("w",))
+        sk = grads.make_sketches([layer], dim, 4)["w"]
+        g = rng.normal(size=(b, p))
+        got = np.asarray(grads.apply_sketch(sk, jnp.asarray(g, jnp.float64)))
+        want = np.zeros((b, dim))
+        for row in range(b):
+            np.add.at(want[row], np.asarray(sk.buckets), g[row] * np.asarray(sk.signs))
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
 def test_sketches_are_one_program_with_the_per_layer_values():
     sizes = (3000, 40, 5000, 700)
     layers = [Layer(f"l{i}", p, (i,), ((p,),), (f"l{i}",)) for i, p in enumerate(sizes)]
