@@ -27,6 +27,8 @@ td:first-child,th:first-child{text-align:left}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:0.4em 0.8em;margin:0.6em 0}
 img{max-width:100%;margin:0.5em 0;border:1px solid #eee}
 pre{background:#f6f6f6;padding:0.6em;overflow-x:auto;font-size:0.85em}
+table.meta td.text{text-align:left;max-width:900px}table.meta pre{max-height:20em;margin:0}
+details{margin:0.6em 0}summary{cursor:pointer;color:#555}.wide{overflow-x:auto;max-width:100%}
 """
 
 
@@ -76,7 +78,7 @@ def _layers_table(entry: dict) -> str:
     for name, layer in layers.items():
         cells = "".join(f"<td>{_e(_fmt(layer.get(f)))}</td>" for f in fields)
         rows.append(f"<tr><td>{_e(name)}</td>{cells}</tr>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    return f"<div class=\"wide\"><table><tr>{head}</tr>{''.join(rows)}</table></div>"  # scrolls when wide
 
 
 def _notes(entry: dict) -> str:
@@ -88,8 +90,22 @@ def _notes(entry: dict) -> str:
             out.append(f'<div class="note">{_e(text)}</div>')
     rest = {k: v for k, v in meta.items() if k not in ("note", "notes")}
     if rest:
-        out.append(f"<p>meta: <code>{_e(json.dumps(rest, default=str))}</code></p>")
+        out.append(f"<details><summary>how it was measured (meta: {len(rest)} fields)</summary>"
+                   f"{_meta_table(rest)}</details>")
     return "".join(out)
+
+
+def _meta_table(meta: dict) -> str:
+    """One row per field: numbers and short lists formatted, text as text, nested records as indented JSON."""
+    rows = []
+    for key, value in meta.items():
+        if isinstance(value, (dict, list)) and not (isinstance(value, list) and len(value) <= 2):
+            cell = f"<pre>{_e(json.dumps(value, indent=1, default=str))}</pre>"
+        else:
+            cell = _e(_fmt(value))
+        rows.append(f'<tr><td>{_e(key)}</td><td class="text">{cell}</td></tr>')
+    return f'<table class="meta">{"".join(rows)}</table>'
+
 
 
 _MEASURE_WORDS = {

@@ -32,5 +32,6 @@ def test_report_escapes_user_strings_and_embeds_figures(tmp_path):
     assert "desc &lt;i&gt;" in text
     assert "data:image/png;base64," in text
     assert "GradDefense surrogate, not the measure" in text
+    assert '<table class="meta"><tr><td>surrogate</td>' in text  # meta as a table of fields
     assert "Conv_0" in text and "[1.5, 2.5]" in text
     assert "http://" not in text and "https://" not in text, "the page must not load anything from the network"
