@@ -16,21 +16,22 @@ def per_example_norms(task: Task, x, y, *, chunk_size: int | None = None, layers
                       progress: bool = False) -> dict[str, np.ndarray]:
     """||g_l(x_i, y_i)||_2 per example and layer: ``{layer: (N,)}``.
 
-    Only the norms leave the jitted chunk, so memory stays bounded by one
-    chunk's gradients even for large models.
+    Only the norms leave the jitted chunk. Linen Dense/Conv layers' norms come from their factors (inputs
+    and back-propagated errors, :func:`_factored_norms_fn`) without forming a per-example gradient; other
+    layers' from their per-example gradients.
     """
     x, y = task.check_inputs(x, y)
     sel = task.select(layers)
     key = ("grad_norms", tuple(layer.name for layer in sel))
 
     def build():
-        per_example = grads.per_example_grad_fn(task, sel)
+        fn = _factored_norms_fn(task, sel) or _materialised_norms_fn(task, sel)
 
-        def fn(params, xb, yb):
+        def traced(params, xb, yb):
             grads.TRACE_COUNTS[key] += 1
-            return {k: jnp.linalg.norm(v, axis=1) for k, v in per_example(params, xb, yb).items()}
+            return fn(params, xb, yb)
 
-        return compilation.jit(fn, key=task.program_key(key))
+        return compilation.jit(traced, key=task.program_key(key))
 
     fn = task.cached(key, build)
     chunk = chunk_size or grads.default_chunk_size(task, sel, x.shape[0])
@@ -38,6 +39,47 @@ def per_example_norms(task: Task, x, y, *, chunk_size: int | None = None, layers
                            extra=(task.params,))
     grads.check_finite(out)
     return {layer.name: out[layer.name] for layer in sel}
+
+
+def _materialised_norms_fn(task: Task, layers):
+    per_example = grads.per_example_grad_fn(task, layers)
+
+    def fn(params, xb, yb):
+        return {k: jnp.linalg.norm(v, axis=1) for k, v in per_example(params, xb, yb).items()}
+
+    return fn
+
+
+def _factored_norms_fn(task: Task, layers):
+    """Norms from factors (the ghost norm): a Linen Dense/Conv layer's per-example gradient is A^T E (A: its
+    input rows per output position, E: the back-propagated errors), so ||g||^2 = sum_st (A A^T)_st (E E^T)_st,
+    or ||A^T E||_F^2 where forming it is cheaper; no per-example gradient is formed. Other layers' per-example
+    gradients are formed for those layers only. None when no layer has a factored form."""
+    from jaxleak import subspace
+    from jaxleak.sensitivity import _gram_frob2
+
+    linears = subspace.find_linears(task)
+    plans = {layer.name: subspace.linear_plan(task, layer, linears) for layer in layers}
+    fast = [plan for plan in plans.values() if plan is not None]
+    if not fast:
+        return None
+    rest = [layer for layer in layers if plans[layer.name] is None]
+    capture = subspace.activations_and_errors_fn(task, list({p.linear.path: p.linear for p in fast}.values()))
+    rest_grads = grads.per_example_grad_fn(task, rest) if rest else None
+
+    def fn(params, xb, yb):
+        inputs, errors = capture(params, xb, yb)
+        b = xb.shape[0]
+        out = {}
+        for plan in fast:
+            a = subspace.input_rows(plan, inputs[plan.linear.path])
+            e = errors[plan.linear.path].reshape(b, plan.positions, -1)
+            out[plan.layer.name] = jnp.sqrt(_gram_frob2(a, e))
+        if rest:
+            out.update({k: jnp.linalg.norm(v, axis=1) for k, v in rest_grads(params, xb, yb).items()})
+        return {layer.name: out[layer.name] for layer in layers}
+
+    return fn
 
 
 def grad_norms(task: Task, x, y, **options) -> LayerScores:

@@ -556,3 +556,20 @@ def test_sketch_grads_are_the_sketch_of_layer_grads(lenet):
             want = np.asarray(grads.apply_sketch(sketches[layer.name], jnp.asarray(full[layer.name])))
             assert sk[layer.name].shape == (7, dim)
             np.testing.assert_allclose(sk[layer.name], want, rtol=1e-4, atol=1e-6 * np.max(np.abs(want)))
+
+
+@pytest.mark.parametrize("model", ["lenet", "mlp", "resnet20"])
+def test_grad_norms_from_factors_are_the_norms_of_per_example_gradients(model):
+    """The ghost norm of Dense/Conv layers (no per-example gradient formed) and the formed norm of the others
+    (resnet20's GroupNorm layers) against the norms of layer_grads, which are checked against a batch-of-one loop."""
+    from jaxleak import data, gradnorm
+
+    ds = data.load("digits")
+    task = Task.init(model, ds, seed=0)
+    assert gradnorm._factored_norms_fn(task, task.layers) is not None
+    x, y = ds.x[:12], ds.y[:12]
+    got = gradnorm.per_example_norms(task, x, y)
+    full = grads.layer_grads(task, x, y)
+    assert list(got) == list(full)
+    for name, g in full.items():
+        np.testing.assert_allclose(got[name], np.linalg.norm(g.astype(np.float64), axis=1), rtol=5e-6, err_msg=name)
