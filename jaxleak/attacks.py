@@ -424,7 +424,7 @@ def _build(task: Task, sel: Sequence[Layer], *, method: str, steps: int, seg: in
             losses = jax.lax.cond(last, end, lambda z: jnp.zeros(trace.shape[1:], trace.dtype), state[0])
             return state, jnp.moveaxis(trace, 0, -1), losses
 
-        return {"init": compilation.jit(init, key=task.program_key(key)),
+        return {"init": compilation.jit(init, key=task.program_key(key), fast_compile=task.fast_compile),
                 # the optimisation loop's run time dominates its compile time (compilation.jit)
                 "advance": compilation.jit(advance, key=task.program_key(key), fast_compile=False)}
 

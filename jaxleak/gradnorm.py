@@ -31,7 +31,7 @@ def per_example_norms(task: Task, x, y, *, chunk_size: int | None = None, layers
             grads.TRACE_COUNTS[key] += 1
             return fn(params, xb, yb)
 
-        return compilation.jit(traced, key=task.program_key(key))
+        return compilation.jit(traced, key=task.program_key(key), fast_compile=task.fast_compile)
 
     fn = task.cached(key, build)
     chunk = chunk_size or grads.default_chunk_size(task, sel, x.shape[0])

@@ -778,7 +778,7 @@ def _compiled_layer_grads(task: Task, layers: Sequence[Layer], method: str = "au
             TRACE_COUNTS[key] += 1
             return _with_row_sums(inner(params, x, y))
 
-        return compilation.jit(traced, key=task.program_key(key))
+        return compilation.jit(traced, key=task.program_key(key), fast_compile=task.fast_compile)
 
     return task.cached(key, build)
 
@@ -868,7 +868,7 @@ def _compiled_sketch_grads(task: Task, layers: Sequence[Layer], dim: int, seed: 
             g = grads(params, x, y)
             return {name: apply_sketch(sketches[name], v) for name, v in g.items()}
 
-        return compilation.jit(traced, key=task.program_key(key))
+        return compilation.jit(traced, key=task.program_key(key), fast_compile=task.fast_compile)
 
     return task.cached(key, build)
 
@@ -958,7 +958,7 @@ def _compiled_updates(task: Task, layers: Sequence[Layer], local_steps: int, ske
             u = jax.vmap(one_update, in_axes=(None, None, 0, 0))(params, lr, xb, yb)
             return {name: apply_sketch(sketches.get(name), v) for name, v in u.items()}
 
-        return compilation.jit(traced, key=task.program_key(key))
+        return compilation.jit(traced, key=task.program_key(key), fast_compile=task.fast_compile)
 
     return task.cached(key, build)
 

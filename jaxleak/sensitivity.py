@@ -219,7 +219,7 @@ def _compiled(task: Task, method: str, layers: Sequence[Layer], probes: int) -> 
             _grads.TRACE_COUNTS[key] += 1
             return inner(params, k, x, y, index)
 
-        return compilation.jit(traced, key=task.program_key(key))
+        return compilation.jit(traced, key=task.program_key(key), fast_compile=task.fast_compile)
 
     return task.cached(key, build)
 

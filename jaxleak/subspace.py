@@ -406,7 +406,7 @@ def _features_fn(task: Task, items: Sequence[tuple[_Plan, int, int]]) -> Callabl
                     out[f"g/{name}/{lo}"] = jnp.einsum("bta,btd->bad", a, d).reshape(x.shape[0], -1)
             return out
 
-        return compilation.jit(traced, key=task.program_key(key))
+        return compilation.jit(traced, key=task.program_key(key), fast_compile=task.fast_compile)
 
     return task.cached(key, build)
 

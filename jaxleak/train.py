@@ -44,7 +44,7 @@ def _step_fn(task: Task, lr: float, use_dropout: bool, defense=None) -> Callable
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, value
 
-        return compilation.jit(step, key=task.program_key(key))
+        return compilation.jit(step, key=task.program_key(key), fast_compile=task.fast_compile)
 
     return task.cached(key, build)
 
@@ -116,7 +116,8 @@ def accuracy(task: Task, x, y, *, batch_size: int = 512) -> float:
     def predict_fn(p, xb):
         return {"label": jnp.argmax(task.apply_fn(p, xb), -1)}
 
-    predict = task.cached("predict", lambda: compilation.jit(predict_fn, key=task.program_key("predict")))
+    predict = task.cached("predict", lambda: compilation.jit(predict_fn, key=task.program_key("predict"),
+                                                                     fast_compile=task.fast_compile))
     batches = -(-x.shape[0] // batch_size)
     labels = map_chunks(predict, [x], -(-x.shape[0] // batches), extra=(task.params,))["label"]
     return int(np.sum(labels == y)) / x.shape[0]

@@ -149,3 +149,17 @@ def test_fast_compiled_program_gives_the_same_values_and_nests():
     # inside another jit the program is part of that one's (JAX takes no options on a nested jit)
     outer = jax.jit(lambda x, w: fast(x, w)[0] * 2.0)
     assert jnp.array_equal(outer(x, w), 2.0 * plain(x, w)[0])
+
+
+def test_only_small_models_compile_with_the_fast_options(monkeypatch):
+    from jaxleak import data, gradnorm, task as task_lib
+
+    ds = data.load("digits")
+    lenet = task_lib.Task.init("lenet", ds, seed=0)
+    assert lenet.fast_compile and lenet.num_params <= task_lib.FAST_COMPILE_PARAMS
+    monkeypatch.setattr(task_lib, "FAST_COMPILE_PARAMS", lenet.num_params - 1)
+    large = task_lib.Task.init("lenet", ds, seed=1)
+    assert not large.fast_compile
+    gradnorm.per_example_norms(large, ds.x[:4], ds.y[:4])
+    program = large.cached(("grad_norms", tuple(large.layer_names)), lambda: None)
+    assert program._options is None  # XLA's default emitters for a large model's programs
