@@ -58,13 +58,10 @@ def _factored_norms_fn(task: Task, layers):
     from jaxleak import subspace
     from jaxleak.sensitivity import _gram_frob2
 
-    linears = subspace.find_linears(task)
-    plans = {layer.name: subspace.linear_plan(task, layer, linears) for layer in layers}
-    fast = [plan for plan in plans.values() if plan is not None]
-    if not fast:
+    split = subspace.factored_split(task, layers)
+    if split is None:
         return None
-    rest = [layer for layer in layers if plans[layer.name] is None]
-    capture = subspace.activations_and_errors_fn(task, list({p.linear.path: p.linear for p in fast}.values()))
+    fast, rest, capture = split
     rest_grads = grads.per_example_grad_fn(task, rest) if rest else None
 
     def fn(params, xb, yb):

@@ -133,13 +133,10 @@ def _factored_hutchinson_fn(task: Task, layers: Sequence[Layer], probes: int) ->
     for ||J v||^2); no per-example weight gradient (or its tangent) is formed. Other layers use the
     per-example gradient's jvp. None when no layer can take this route.
     """
-    linears = _subspace.find_linears(task)
-    plans = {layer.name: _subspace.linear_plan(task, layer, linears) for layer in layers}
-    fast = [plan for plan in plans.values() if plan is not None]
-    if not fast:
+    split = _subspace.factored_split(task, layers)
+    if split is None:
         return None
-    rest = [layer for layer in layers if plans[layer.name] is None]
-    capture = _subspace.activations_and_errors_fn(task, list({p.linear.path: p.linear for p in fast}.values()))
+    fast, rest, capture = split
     rest_grads = _grads.per_example_grad_fn(task, rest) if rest else None
 
     def fn(params, key, x, y, index):
