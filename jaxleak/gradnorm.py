@@ -17,15 +17,15 @@ def per_example_norms(task: Task, x, y, *, chunk_size: int | None = None, layers
     """||g_l(x_i, y_i)||_2 per example and layer: ``{layer: (N,)}``.
 
     Only the norms leave the jitted chunk. Linen Dense/Conv layers' norms come from their factors (inputs
-    and back-propagated errors, :func:`_factored_norms_fn`) without forming a per-example gradient; other
-    layers' from their per-example gradients.
+    and back-propagated errors, the ghost norm) without forming a per-example gradient; other layers' from
+    their per-example gradients, formed in the same pass (:func:`jaxleak.grads.per_example_grad_fn`).
     """
     x, y = task.check_inputs(x, y)
     sel = task.select(layers)
     key = ("grad_norms", tuple(layer.name for layer in sel))
 
     def build():
-        fn = _factored_norms_fn(task, sel) or _materialised_norms_fn(task, sel)
+        fn = _norms_fn(task, sel)
 
         def traced(params, xb, yb):
             grads.TRACE_COUNTS[key] += 1
@@ -34,47 +34,45 @@ def per_example_norms(task: Task, x, y, *, chunk_size: int | None = None, layers
         return compilation.jit(traced, key=task.program_key(key), fast_compile=task.fast_compile)
 
     fn = task.cached(key, build)
-    chunk = chunk_size or grads.default_chunk_size(task, sel, x.shape[0])
-    out = grads.map_chunks(fn, [x, y], min(chunk, x.shape[0]), desc="gradient norms", progress=progress,
-                           extra=(task.params,))
+    chunk = (min(int(chunk_size), x.shape[0]) if chunk_size
+             else grads.factor_chunk_size(norm_floats(grads.layer_shapes(task, sel, x, y)), x.shape[0]))
+    out = grads.map_chunks(fn, [x, y], chunk, desc="gradient norms", progress=progress, extra=(task.params,))
     grads.check_finite(out)
     return {layer.name: out[layer.name] for layer in sel}
 
 
-def _materialised_norms_fn(task: Task, layers):
-    per_example = grads.per_example_grad_fn(task, layers)
+def norm_floats(shapes: dict[str, grads.LayerShape]) -> int:
+    """Floats one example holds while its norms are computed: the factors or formed gradients (twice, for the
+    activations beside them) and the largest layer's Gram or formed product."""
+    live = sum(s.floats for s in shapes.values())
+    transient = 0
+    for s in shapes.values():
+        if s.factored and s.positions * (s.rows + s.cols) <= s.rows * s.cols:
+            transient = max(transient, s.positions * (s.rows + s.positions))
+        elif s.factored:
+            transient = max(transient, s.rows * s.cols)
+    return 2 * live + 2 * transient
+
+
+def _norms_fn(task: Task, layers):
+    """Norms from one pass of the factor engine. A Linen Dense/Conv layer's per-example gradient is A^T E
+    (A: its input rows per output position, E: the back-propagated errors), so ||g||^2 = sum_st (A A^T)_st
+    (E E^T)_st, or ||A^T E||_F^2 where forming it is cheaper (the ghost norm); no per-example gradient is
+    formed for those layers. Other layers' per-example gradients are formed."""
+    per_example = grads.per_example_grad_fn(task, layers, factored="all")
+
+    def norm(g):
+        if isinstance(g, (grads.OuterFactors, grads.ConvFactors)):
+            a, e = g.rows(), g.errors()
+            t, na, nd = a.shape[1], a.shape[2], e.shape[2]
+            if t * (na + nd) <= na * nd:
+                gram = jnp.einsum("bsa,bta->bst", a, a) * jnp.einsum("bsd,btd->bst", e, e)
+                return jnp.sqrt(jnp.maximum(jnp.sum(gram, axis=(1, 2)), 0.0))
+            g = g.materialize()  # a Conv layer's from its input's tap views, no patch matrix
+        return jnp.linalg.norm(g, axis=1)
 
     def fn(params, xb, yb):
-        return {k: jnp.linalg.norm(v, axis=1) for k, v in per_example(params, xb, yb).items()}
-
-    return fn
-
-
-def _factored_norms_fn(task: Task, layers):
-    """Norms from factors (the ghost norm): a Linen Dense/Conv layer's per-example gradient is A^T E (A: its
-    input rows per output position, E: the back-propagated errors), so ||g||^2 = sum_st (A A^T)_st (E E^T)_st,
-    or ||A^T E||_F^2 where forming it is cheaper; no per-example gradient is formed. Other layers' per-example
-    gradients are formed for those layers only. None when no layer has a factored form."""
-    from jaxleak import subspace
-    from jaxleak.sensitivity import _gram_frob2
-
-    split = subspace.factored_split(task, layers)
-    if split is None:
-        return None
-    fast, rest, capture = split
-    rest_grads = grads.per_example_grad_fn(task, rest) if rest else None
-
-    def fn(params, xb, yb):
-        inputs, errors = capture(params, xb, yb)
-        b = xb.shape[0]
-        out = {}
-        for plan in fast:
-            a = subspace.input_rows(plan, inputs[plan.linear.path])
-            e = errors[plan.linear.path].reshape(b, plan.positions, -1)
-            out[plan.layer.name] = jnp.sqrt(_gram_frob2(a, e))
-        if rest:
-            out.update({k: jnp.linalg.norm(v, axis=1) for k, v in rest_grads(params, xb, yb).items()})
-        return {layer.name: out[layer.name] for layer in layers}
+        return {name: norm(g) for name, g in per_example(params, xb, yb).items()}
 
     return fn
 

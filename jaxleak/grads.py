@@ -9,6 +9,7 @@ after the first call.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 from typing import Callable, NamedTuple, Sequence
 
@@ -82,6 +83,86 @@ def default_chunk_size(task: Task, layers: Sequence[Layer], n: int) -> int:
     floats, cap = chunk_limits(_OUTPUT_CHUNK_FLOATS)
     size = max(1, sum(layer.size for layer in layers))
     return int(max(1, min(n, cap, floats // size)))
+
+
+def balanced_chunk(limit: int, n: int) -> int:
+    """The chunk size for ``n`` rows at most ``limit`` per chunk that pads the last chunk least:
+    as many chunks as ``limit`` needs, sized evenly (n = 256, limit 196: two chunks of 128, not 196 + 60)."""
+    limit = max(1, min(int(limit), int(n)))
+    count = -(-int(n) // limit)
+    return -(-int(n) // count)
+
+
+class LayerShape(NamedTuple):
+    """What one example's per-example gradient of a layer holds in the factor engine.
+
+    ``factored``: a Dense/Conv layer given by its factors, rows (``positions``, ``rows``) and errors
+    (``positions``, ``cols``), ``floats`` their size (the layer input and output cotangent); otherwise the
+    formed gradient (``floats`` = ``size``).
+    """
+
+    size: int
+    factored: bool
+    positions: int
+    rows: int
+    cols: int
+    floats: int
+
+
+def layer_shapes(task: Task, layers: Sequence[Layer], x, y) -> dict[str, LayerShape]:
+    """:class:`LayerShape` per layer, from one abstract evaluation of the factor engine on one example."""
+    key = ("layer_shapes", tuple(layer.name for layer in layers))
+
+    def build():
+        fn = per_example_grad_fn(task, layers, factored="all")
+        sizes = {layer.name: layer.size for layer in layers}
+        found = {}
+
+        def probe(params, x1, y1):
+            for name, g in fn(params, x1, y1).items():
+                if isinstance(g, (OuterFactors, ConvFactors)):
+                    a, d = g.rows(), g.errors()
+                    own = g.a.size + g.d.size if isinstance(g, OuterFactors) else g.x.size + g.d.size
+                    found[name] = LayerShape(sizes[name], True, a.shape[1], a.shape[2], d.shape[2], int(own))
+                else:
+                    found[name] = LayerShape(sizes[name], False, 1, sizes[name], 1, sizes[name])
+            return jnp.zeros(())
+
+        jax.eval_shape(probe, task.params, jax.ShapeDtypeStruct((1, *np.shape(x)[1:]), np.asarray(x).dtype),
+                       jax.ShapeDtypeStruct((1, *np.shape(y)[1:]), np.asarray(y).dtype))
+        return found
+
+    return task.cached(key, build)
+
+
+def factor_chunk_size(per_example_floats: int, n: int) -> int:
+    """Examples per chunk when one example needs ``per_example_floats`` floats live, balanced over ``n``
+    (:func:`balanced_chunk`); the budget is :func:`chunk_limits` of ``_CHUNK_FLOATS``."""
+    floats, cap = chunk_limits(_CHUNK_FLOATS)
+    return balanced_chunk(max(1, min(cap, floats // max(1, int(per_example_floats)))), n)
+
+
+def sketch_floats(shapes: dict[str, LayerShape], dim: int) -> int:
+    """Floats one example holds in :func:`sketch_grads`: its outputs, the factors (twice: the forward and
+    backward activations beside them) and the largest layer's transient (formed gradient, or patches and
+    count-sketches for the tensor route)."""
+    out = sum(min(s.size, dim) for s in shapes.values())
+    live = sum(s.floats for s in shapes.values())
+    transient = 0
+    for s in shapes.values():
+        if s.size <= dim:
+            transient = max(transient, s.size)
+        elif s.factored and sketch_route(s.positions, s.rows, s.cols, dim) == "tensor":
+            transient = max(transient, s.positions * (s.rows + 4 * dim))
+        else:
+            transient = max(transient, 2 * s.size)
+    return out + 2 * live + transient
+
+
+def sketch_chunk_size(task: Task, layers: Sequence[Layer], dim: int, x, y, n: int | None = None) -> int:
+    """Default examples per chunk of :func:`sketch_grads` for ``n`` rows (default ``len(x)``)."""
+    n = int(np.shape(x)[0]) if n is None else int(n)
+    return factor_chunk_size(sketch_floats(layer_shapes(task, layers, x, y), int(dim)), n)
 
 
 def _check_chunk(chunk_size, n: int) -> int:
@@ -165,7 +246,7 @@ def vmap_grad_fn(task: Task, layers: Sequence[Layer]) -> Callable:
 
 
 def per_example_grad_fn(task: Task, layers: Sequence[Layer], *, method: str = "auto",
-                        factored: bool = False, conv_patch_floats: int = 0) -> Callable:
+                        factored: bool | str = False, conv_patch_floats: int = 0) -> Callable:
     """Pure ``(params, x (B, ...), y (B,)) -> {layer: (B, P_l)}``: per-example gradients per layer.
 
     ``method='auto'`` (default) computes the gradients of the parameters of
@@ -188,6 +269,8 @@ def per_example_grad_fn(task: Task, layers: Sequence[Layer], *, method: str = "a
     cotangent) instead of the (B, P_l) outer products, for computations that
     only need inner products of the gradients with fixed vectors and their
     norms (:mod:`jaxleak.attacks`); other layers are arrays as before.
+    ``factored='all'`` also returns plain Conv layers (kernel, with or
+    without bias) as :class:`ConvFactors` (input, output cotangent, geometry).
 
     ``conv_patch_floats`` > 0: a Conv layer's per-example kernel gradient
     whose patch matrix (examples x output positions x kernel taps x input
@@ -469,6 +552,52 @@ class OuterFactors(NamedTuple):
         """The flat per-example gradients (B, (1 + I) O)."""
         return _outer(self.a, self.d).reshape(self.a.shape[0], -1)
 
+    def rows(self, constant: float = 1.0) -> jax.Array:
+        """Input rows (B, M, R), R = 1 + I (column 0 is the bias's 1, or 0 in a tangent, whatever ``constant``)."""
+        return self.a
+
+    def errors(self) -> jax.Array:
+        """Output cotangents (B, M, O)."""
+        return self.d
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["x", "d"], meta_fields=["config", "bias"])
+@dataclasses.dataclass(frozen=True)
+class ConvFactors:
+    """A Conv layer's per-example gradients in factored form: its input, its output cotangent and its geometry.
+
+    The flat gradient of example b ([bias,] kernel, as ``task.flatten`` orders them) is
+    ``sum_m outer(rows[b, m], errors[b, m]).reshape(-1)`` with ``rows`` the kernel-tap patches of the input
+    (a leading 1 for the bias): :meth:`rows` forms that patch matrix (B, M, R); :meth:`materialize` forms the
+    gradient from strided tap views without it.
+    """
+
+    x: jax.Array
+    d: jax.Array
+    config: tuple
+    bias: bool
+
+    def rows(self, constant: float = 1.0) -> jax.Array:
+        """The kernel-tap patches (B, M, R), with a ``constant`` column first for the bias (0 for a tangent)."""
+        size, strides, dil, padding = self.config
+        padded = jnp.pad(self.x, ((0, 0), *padding, (0, 0)))
+        views = _tap_views(padded, size, strides, dil, self.d.shape[1:-1])
+        b, m = self.x.shape[0], int(np.prod(self.d.shape[1:-1]))
+        patches = jnp.stack(views, axis=-2).reshape(b, m, -1)
+        if self.bias:
+            patches = jnp.concatenate([jnp.full_like(patches[..., :1], constant), patches], axis=-1)
+        return patches
+
+    def errors(self) -> jax.Array:
+        return self.d.reshape(self.d.shape[0], -1, self.d.shape[-1])
+
+    def materialize(self) -> jax.Array:
+        b = self.x.shape[0]
+        kernel = _conv_kernel_grads(self.x, self.d, self.config).reshape(b, -1)
+        if not self.bias:
+            return kernel
+        return jnp.concatenate([self.d.sum(axis=tuple(range(1, self.d.ndim - 1))), kernel], axis=1)
+
 
 def _dense_layer_factors(call: _Call, leaves: list, layer: Layer, a: jax.Array,
                          delta: jax.Array) -> OuterFactors | None:
@@ -487,7 +616,22 @@ def _dense_layer_factors(call: _Call, leaves: list, layer: Layer, a: jax.Array,
     return OuterFactors(jnp.concatenate([jnp.ones_like(a2[..., :1]), a2], axis=-1), d2)
 
 
-def _fast_grad_fn(task: Task, layers: Sequence[Layer], factored: bool = False, patch_floats: int = 0) -> Callable:
+def _conv_layer_factors(call: _Call, leaves: list, layer: Layer, a: jax.Array,
+                        delta: jax.Array) -> ConvFactors | None:
+    """A Conv layer's per-example gradients ([bias,] kernel) as :class:`ConvFactors`, or None."""
+    names = call.leaves
+    if "kernel" not in names or not set(names) <= {"bias", "kernel"}:
+        return None
+    if layer.leaves != tuple(names[n] for n in ("bias", "kernel") if n in names):
+        return None
+    config = _conv_taps_config(call, leaves, a)
+    if config is None:
+        return None
+    return ConvFactors(a, delta, config, "bias" in names)
+
+
+def _fast_grad_fn(task: Task, layers: Sequence[Layer], factored: bool | str = False,
+                  patch_floats: int = 0) -> Callable:
     from flax import linen as nn
 
     wanted = sorted({i for layer in layers for i in layer.leaves})
@@ -530,6 +674,8 @@ def _fast_grad_fn(task: Task, layers: Sequence[Layer], factored: bool = False, p
                 k = by_leaves.get(tuple(sorted(layer.leaves)))
                 if k is not None and all(owners[i] == 1 for i in layer.leaves):
                     g = _dense_layer_factors(plan[k], leaves, layer, inputs[k], deltas[k])
+                    if g is None and factored == "all":
+                        g = _conv_layer_factors(plan[k], leaves, layer, inputs[k], deltas[k])
                     if g is not None:
                         flat[layer.name] = g if factored else g.materialize()
                         active[k] = False
@@ -808,38 +954,62 @@ def layer_grads(task: Task, x, y, *, chunk_size: int | None = None, layers: Sequ
 # ---------------------------------------------------------------- sketches
 
 class CountSketch(NamedTuple):
-    """A count-sketch of one layer: coordinate i goes to bucket ``buckets[i]`` with ``signs[i]``.
+    """The sketch of one layer, a count-sketch whose hash is a TensorSketch of the layer's matrix view.
 
-    S a = sum_i signs[i] a_i e_{buckets[i]}; E[<S a, S b>] = <a, b>. Stored as
-    two length-P_l vectors, never as a P_l x d matrix.
+    The layer's flat vector is viewed as a matrix (R, C), index r C + c, with C the last axis its tensors
+    share (a Dense or Conv layer's output channels, its bias row first); coordinate (r, c) goes to bucket
+    (h1[r] + h2[c]) mod dim with sign s1[r] s2[c] (Pham and Pagh's TensorSketch). Inner products are
+    preserved in expectation; the sketch of a sum over positions of outer products a_m ⊗ d_m is the sum of
+    circular convolutions of the two factors' count-sketches, so a factored layer is sketched without
+    forming its gradient (:func:`tensor_sketch`). Stored as the four factor vectors, never as a P_l x dim
+    matrix; a layer whose tensors share no last axis has C = 1 (a plain count-sketch of its R = P_l entries).
     """
 
-    buckets: jax.Array
-    signs: jax.Array
+    row_buckets: jax.Array
+    row_signs: jax.Array
+    col_buckets: jax.Array
+    col_signs: jax.Array
     dim: int
+
+    @property
+    def buckets(self) -> jax.Array:
+        """Bucket of every flat coordinate (P_l,)."""
+        return ((self.row_buckets[:, None] + self.col_buckets[None, :]) % self.dim).reshape(-1)
+
+    @property
+    def signs(self) -> jax.Array:
+        """Sign of every flat coordinate (P_l,)."""
+        return (self.row_signs[:, None] * self.col_signs[None, :]).reshape(-1)
+
+
+def matrix_view(layer: Layer) -> tuple[int, int]:
+    """(R, C): a layer's flat vector as R rows of the C entries of the last axis all its tensors share (else C = 1)."""
+    lasts = {shape[-1] if shape else 1 for shape in layer.shapes}
+    c = lasts.pop() if len(lasts) == 1 else 1
+    return layer.size // c, c
 
 
 def make_sketches(layers: Sequence[Layer], dim: int, seed: int) -> dict[str, CountSketch | None]:
-    """One independent count-sketch per layer larger than ``dim`` (None for the others)."""
+    """One independent sketch per layer larger than ``dim`` (None for the others)."""
     if not isinstance(dim, (int, np.integer)) or dim < 1:
         raise InputError(f"sketch dim must be a positive integer, got {dim!r}")
-    sketched = tuple((i, layer.size) for i, layer in enumerate(layers) if layer.size > dim)
+    sketched = tuple((i, matrix_view(layer)) for i, layer in enumerate(layers) if layer.size > dim)
     arrays = dict(zip((i for i, _ in sketched), _sketch_arrays(sketched, int(dim), jax.random.key(seed))))
     return {layer.name: CountSketch(*arrays[i], dim=int(dim)) if i in arrays else None
             for i, layer in enumerate(layers)}
 
 
-@compilation.jit(key="sketch_arrays", static_argnames=("sketched", "dim"))
-def _sketch_arrays(sketched: tuple[tuple[int, int], ...], dim: int, root) -> list:
-    """(buckets, signs) of the count-sketch of each (layer index, size), from ``fold_in(root, index)``.
-
-    One program for all layers; eagerly, every distinct layer size compiled two.
-    """
+@compilation.jit(key="tensor_sketch_arrays", static_argnames=("sketched", "dim"))
+def _sketch_arrays(sketched: tuple[tuple[int, tuple[int, int]], ...], dim: int, root) -> list:
+    """(row buckets, row signs, column buckets, column signs) of the sketch of each (layer index, (R, C)),
+    from ``fold_in(root, index)``. One program for all layers."""
     out = []
-    for i, size in sketched:
-        kb, ks = jax.random.split(jax.random.fold_in(root, i))
-        out.append((jax.random.randint(kb, (size,), 0, dim, dtype=jnp.int32),
-                    jax.random.rademacher(ks, (size,), dtype=jnp.float32)))
+    for i, (r, c) in sketched:
+        kr, ksr, kc, ksc = jax.random.split(jax.random.fold_in(root, i), 4)
+        out.append((jax.random.randint(kr, (r,), 0, dim, dtype=jnp.int32),
+                    jax.random.rademacher(ksr, (r,), dtype=jnp.float32),
+                    jax.random.randint(kc, (c,), 0, dim, dtype=jnp.int32),
+                    jax.random.rademacher(ksc, (c,), dtype=jnp.float32)))
     return out
 
 
@@ -853,20 +1023,73 @@ def apply_sketch(sketch: CountSketch | None, g: jax.Array) -> jax.Array:
     if sketch is None:
         return g
     out = jnp.zeros((sketch.dim, g.shape[0]), g.dtype)
-    return out.at[sketch.buckets].add((g * sketch.signs).T).T
+    return out.at[sketch.buckets].add((g * sketch.signs.astype(g.dtype)).T).T
 
 
-def _compiled_sketch_grads(task: Task, layers: Sequence[Layer], dim: int, seed: int) -> Callable:
-    key = ("sketch_grads", tuple(layer.name for layer in layers), dim, seed)
+def _count_sketch_rows(v: jax.Array, buckets: jax.Array, signs: jax.Array, dim: int) -> jax.Array:
+    """Count-sketch of the last axis of ``v`` (..., K) -> (dim, prod(...)), laid out for a leading-axis scatter."""
+    k = v.shape[-1]
+    flat = (v * signs.astype(v.dtype)).reshape(-1, k).T
+    return jnp.zeros((dim, flat.shape[1]), v.dtype).at[buckets].add(flat)
+
+
+def tensor_sketch(sketch: CountSketch, a: jax.Array, d: jax.Array) -> jax.Array:
+    """The sketch of sum_m a[b, m] ⊗ d[b, m] (rows R, columns C) for every example: (B, M, R), (B, M, C) -> (B, dim).
+
+    sum_m IFFT(FFT(S1 a_m) FFT(S2 d_m)): the circular convolution of the two count-sketches is the count-sketch
+    with buckets (h1 + h2) mod dim and signs s1 s2, the same numbers :func:`apply_sketch` gives for the formed
+    gradient, without a (B, R C) array.
+    """
+    b, m, _ = a.shape
+    dim = sketch.dim
+    fa = jnp.fft.rfft(_count_sketch_rows(a, sketch.row_buckets, sketch.row_signs, dim), axis=0)
+    fd = jnp.fft.rfft(_count_sketch_rows(d, sketch.col_buckets, sketch.col_signs, dim), axis=0)
+    prod = (fa * fd).reshape(-1, b, m).sum(axis=-1)
+    return jnp.fft.irfft(prod, n=dim, axis=0).T.astype(a.dtype)
+
+
+# Cost per example of the two ways to sketch a factored layer, in ns on the 2-core CPU (fitted on Dense and
+# Conv shapes from LeNet to ResNet-18): a float multiply-add in a batched product, one scattered element, one
+# unit of n log2 n of a real FFT of length n.
+_COST_FLOP, _COST_SCATTER, _COST_FFT = 0.02, 1.7, 0.5
+
+
+def sketch_route(positions: int, rows: int, cols: int, dim: int) -> str:
+    """'tensor' (FFTs of the factors' count-sketches) or 'form' (the formed gradient's count-sketch), cheaper first."""
+    form = _COST_FLOP * 2 * positions * rows * cols + _COST_SCATTER * rows * cols
+    log = max(1.0, float(np.log2(dim)))
+    tensor = _COST_SCATTER * positions * (rows + cols) + _COST_FFT * (2 * positions + 1) * dim * log
+    return "tensor" if tensor < form else "form"
+
+
+def _compiled_sketch_grads(task: Task, layers: Sequence[Layer], dim: int, seed: int, route: str = "auto") -> Callable:
+    """Jitted ``(params, x, y) -> {layer: (B, min(P_l, dim))}``.
+
+    Dense and Conv layers come from their factors (:class:`OuterFactors`, :class:`ConvFactors`): through
+    :func:`tensor_sketch` or by forming the gradient and scattering it, whichever :func:`sketch_route` prices
+    lower for the layer's shape (``route`` forces one, for tests); both give the same numbers. Other layers
+    are formed and scattered.
+    """
+    key = ("sketch_grads", tuple(layer.name for layer in layers), dim, seed, route)
 
     def build():
         sketches = make_sketches(layers, dim, seed)
-        grads = per_example_grad_fn(task, layers)
+        grads = per_example_grad_fn(task, layers, factored="all")
+
+        def one(name, g):
+            sketch = sketches[name]
+            if isinstance(g, (OuterFactors, ConvFactors)):
+                if sketch is not None:
+                    a, d = g.rows(), g.errors()
+                    chosen = route if route != "auto" else sketch_route(a.shape[1], a.shape[2], d.shape[2], dim)
+                    if chosen == "tensor":
+                        return tensor_sketch(sketch, a, d)
+                g = g.materialize()
+            return apply_sketch(sketch, g)
 
         def traced(params, x, y):
             TRACE_COUNTS[key] += 1
-            g = grads(params, x, y)
-            return {name: apply_sketch(sketches[name], v) for name, v in g.items()}
+            return {name: one(name, v) for name, v in grads(params, x, y).items()}
 
         return compilation.jit(traced, key=task.program_key(key), fast_compile=task.fast_compile)
 
@@ -878,13 +1101,18 @@ def sketch_grads(task: Task, x, y, *, dim: int = 1024, seed: int = 0, chunk_size
     """Per-example gradients reduced to at most ``dim`` features per layer: ``{layer: (N, min(P_l, dim))}``.
 
     Layers with P_l <= dim come back whole; larger ones through a fixed
-    count-sketch (one per layer, derived from ``seed``), applied inside the
-    jitted chunk so that the N x P_l gradients of a large layer never exist.
-    Inner products are preserved in expectation.
+    sketch (:class:`CountSketch`: a count-sketch with a TensorSketch hash, one
+    per layer, derived from ``seed``), applied inside the jitted chunk so that
+    the N x P_l gradients of a large layer never exist; Dense and Conv layers
+    are sketched from their factors where that is cheaper
+    (:func:`tensor_sketch`). Inner products are preserved in expectation.
+    The default chunk is sized from what one example holds
+    (:func:`sketch_chunk_size`).
     """
     x, y = task.check_inputs(x, y)
     sel = task.select(layers)
-    chunk = _check_chunk(chunk_size, x.shape[0]) if chunk_size else default_chunk_size(task, sel, x.shape[0])
+    chunk = (_check_chunk(chunk_size, x.shape[0]) if chunk_size
+             else sketch_chunk_size(task, sel, int(dim), x, y))
     fn = _compiled_sketch_grads(task, sel, int(dim), int(seed))
     out = map_chunks(fn, [x, y], chunk, desc="sketched gradients", progress=progress, extra=(task.params,),
                      mesh=mesh)

@@ -38,7 +38,6 @@ from jaxleak import compilation, defaults
 from jaxleak import grads as _grads
 from jaxleak.errors import InputError
 from jaxleak.scores import LayerScores, Score
-from jaxleak import subspace as _subspace
 from jaxleak.task import Layer, Task
 
 METHODS = ("hutchinson", "exact", "ones")
@@ -73,22 +72,6 @@ def _sq(a: jax.Array, start: int) -> jax.Array:
     return jnp.sum(jnp.square(a), axis=tuple(range(start, a.ndim)))
 
 
-def _hutchinson_fn(task: Task, layers: Sequence[Layer], probes: int) -> Callable:
-    grads = _grads.per_example_grad_fn(task, layers)
-
-    def fn(params, key, x, y, index):
-        g, jvp = jax.linearize(lambda xx: grads(params, xx, y), x)
-        v = rademacher_probes(key, index, probes, x.shape[1:], x.dtype)
-        jv = jax.vmap(jvp)(v)  # {layer: (probes, B, P_l)}
-        out = {}
-        for name in g:
-            out[f"sq/{name}"] = _sq(jv[name], 2).T  # (B, probes)
-            out[f"g2/{name}"] = _sq(g[name], 1)
-        return out
-
-    return fn
-
-
 def _gram_frob2(a: jax.Array, e: jax.Array) -> jax.Array:
     """||A^T E||_F^2 per example for A (B, T, a), E (B, T, d), by the cheaper route:
     sum_st (A A^T)_st (E E^T)_st, or forming A^T E."""
@@ -121,45 +104,36 @@ def _jv_frob2(a, e, da, de) -> jax.Array:
     return _sq(jv, 2)
 
 
-def _factored_hutchinson_fn(task: Task, layers: Sequence[Layer], probes: int) -> Callable | None:
-    """Hutchinson through activations and errors for Linen Dense/Conv layers.
+def _hutchinson_fn(task: Task, layers: Sequence[Layer], probes: int) -> Callable:
+    """Hutchinson through the factor engine (:func:`jaxleak.grads.per_example_grad_fn` with ``factored='all'``).
 
-    The per-example gradient of such a layer is g = A^T Delta (A: input rows
-    per output position, Delta: back-propagated errors), so
+    The per-example gradient of a Linen Dense/Conv layer is g = A^T Delta (A: input rows per output position,
+    Delta: back-propagated errors), so
 
         J v = dA^T Delta + A^T dDelta,
 
-    where (dA, dDelta) is the jvp of (A, Delta) along v (see :func:`_jv_frob2`
-    for ||J v||^2); no per-example weight gradient (or its tangent) is formed. Other layers use the
-    per-example gradient's jvp. None when no layer can take this route.
+    where (dA, dDelta) is the jvp of (A, Delta) along v (see :func:`_jv_frob2` for ||J v||^2); no per-example
+    weight gradient (or its tangent) is formed. Other layers (normalisation layers, parameters outside a leaf
+    module) linearise their per-example gradient, formed in the same pass: one linearised pass for all layers.
     """
-    split = _subspace.factored_split(task, layers)
-    if split is None:
-        return None
-    fast, rest, capture = split
-    rest_grads = _grads.per_example_grad_fn(task, rest) if rest else None
+    per_example = _grads.per_example_grad_fn(task, layers, factored="all")
+    factors = (_grads.OuterFactors, _grads.ConvFactors)
 
     def fn(params, key, x, y, index):
-        def primal(xx):
-            inputs, errors = capture(params, xx, y)
-            return inputs, errors, (rest_grads(params, xx, y) if rest else {})
-
-        (inputs, errors, g), jvp = jax.linearize(primal, x)
+        g, jvp = jax.linearize(lambda xx: per_example(params, xx, y), x)
         v = rademacher_probes(key, index, probes, x.shape[1:], x.dtype)
-        d_inputs, d_errors, d_g = jax.vmap(jvp)(v)
-        b = x.shape[0]
+        dg = jax.vmap(jvp)(v)
         out = {}
-        for plan in fast:
-            path, name = plan.linear.path, plan.layer.name
-            a = _subspace.input_rows(plan, inputs[path])                                            # (B, T, a)
-            da = jax.vmap(lambda t: _subspace.input_rows(plan, t, 0.0))(d_inputs[path])             # (K, B, T, a)
-            e = errors[path].reshape(b, plan.positions, -1)                          # (B, T, d)
-            de = d_errors[path].reshape(probes, b, plan.positions, -1)               # (K, B, T, d)
-            out[f"sq/{name}"] = _jv_frob2(a, e, da, de)
-            out[f"g2/{name}"] = _gram_frob2(a, e)
-        for name in g:
-            out[f"sq/{name}"] = _sq(d_g[name], 2).T
-            out[f"g2/{name}"] = _sq(g[name], 1)
+        for name, gl in g.items():
+            if isinstance(gl, factors):
+                a, e = gl.rows(), gl.errors()                                     # (B, T, a), (B, T, d)
+                da = jax.vmap(lambda t: t.rows(0.0))(dg[name])                    # (K, B, T, a)
+                de = jax.vmap(lambda t: t.errors())(dg[name])                     # (K, B, T, d)
+                out[f"sq/{name}"] = _jv_frob2(a, e, da, de)
+                out[f"g2/{name}"] = _gram_frob2(a, e)
+            else:
+                out[f"sq/{name}"] = _sq(dg[name], 2).T
+                out[f"g2/{name}"] = _sq(gl, 1)
         return out
 
     return fn
@@ -206,7 +180,7 @@ def _compiled(task: Task, method: str, layers: Sequence[Layer], probes: int) -> 
 
     def build():
         if method == "hutchinson":
-            inner = _factored_hutchinson_fn(task, layers, probes) or _hutchinson_fn(task, layers, probes)
+            inner = _hutchinson_fn(task, layers, probes)
         elif method == "exact":
             inner = _exact_fn(task, layers)
         else:
@@ -221,11 +195,20 @@ def _compiled(task: Task, method: str, layers: Sequence[Layer], probes: int) -> 
     return task.cached(key, build)
 
 
-def _default_chunk(method: str, layers: Sequence[Layer], n: int, probes: int, d: int) -> int:
+def _default_chunk(task: Task, method: str, layers: Sequence[Layer], x, y, probes: int) -> int:
+    """Examples per chunk: Hutchinson holds the factors (or formed gradients) and their K tangents, with the
+    largest layer's T x T Grams or formed a x d products per probe; the exact Jacobian and the all-ones
+    surrogate hold every layer's gradient per input dimension or per layer."""
+    n, d = x.shape[0], int(np.prod(x.shape[1:]))
+    if method == "hutchinson":
+        shapes = _grads.layer_shapes(task, layers, x, y)
+        live = sum(s.floats for s in shapes.values())
+        transient = max([s.positions * (s.rows + s.positions) if 2 * s.positions * (s.rows + s.cols) <= s.rows * s.cols
+                         else s.rows * s.cols for s in shapes.values() if s.factored], default=0)
+        return _grads.factor_chunk_size((probes + 2) * (live + transient), n)
     size = max(1, sum(layer.size for layer in layers))
-    per_example = {"hutchinson": size * (probes + 1), "exact": size * (d + 1), "ones": size * (len(layers) + 1)}
-    floats, cap = _grads.chunk_limits(_grads._CHUNK_FLOATS)
-    return int(max(1, min(n, cap, floats // per_example[method])))
+    per_example = size * (d + 1) if method == "exact" else size * (len(layers) + 1)
+    return _grads.factor_chunk_size(per_example, n)
 
 
 def per_example_terms(task: Task, x, y, *, method: str = "hutchinson", probes: int = 16, seed: int = 0,
@@ -247,8 +230,7 @@ def per_example_terms(task: Task, x, y, *, method: str = "hutchinson", probes: i
     sel = task.select(layers)
     n = x.shape[0]
     k = int(probes) if method == "hutchinson" else 1
-    chunk = _grads._check_chunk(chunk_size, n) if chunk_size else _default_chunk(
-        method, sel, n, k, int(np.prod(x.shape[1:])))
+    chunk = _grads._check_chunk(chunk_size, n) if chunk_size else _default_chunk(task, method, sel, x, y, k)
     fn = _compiled(task, method, sel, k)
     index = np.arange(n, dtype=np.int32)
     out = _grads.map_chunks(fn, [x, y, index], chunk, desc=f"sensitivity ({method})", progress=progress,

@@ -321,19 +321,6 @@ def linear_plan(task: Task, layer: Layer, linears: dict[str, _Linear]) -> _Plan 
     return _Plan(layer, "activations/errors", lin, "kernel" in leaves, "bias" in leaves, route, t, a_dim, d)
 
 
-def factored_split(task: Task, layers: Sequence[Layer]):
-    """``(fast, rest, capture)``: the plans of the layers with a factored gradient (Linen Dense/Conv), the
-    other layers, and :func:`activations_and_errors_fn` for the fast layers' modules; None when no layer
-    has a factored form."""
-    linears = find_linears(task)
-    plans = {layer.name: linear_plan(task, layer, linears) for layer in layers}
-    fast = [plan for plan in plans.values() if plan is not None]
-    if not fast:
-        return None
-    rest = [layer for layer in layers if plans[layer.name] is None]
-    return fast, rest, activations_and_errors_fn(task, list({p.linear.path: p.linear for p in fast}.values()))
-
-
 def input_rows(plan: _Plan, inputs: jax.Array, constant: float = 1.0) -> jax.Array:
     """Input rows a_t of each example (B, T, |a|), with a ``constant`` column for the bias.
 

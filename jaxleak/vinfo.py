@@ -790,16 +790,14 @@ def _fingerprint(task: Task, parts, dim, seed: int, names: tuple) -> tuple:
     return (array_digest(task.params, list(parts)), id(task.apply_fn), id(task.loss_fn), dim, int(seed), names)
 
 
-def _exact_gradients(task: Task, sel, layers, width: int, seed: int, chunk_size: int | None, n_victims: int):
+def _exact_gradients(task: Task, layers, width: int, seed: int, chunk: int):
     """``(x, y, names) -> {name: (k, P)}`` exact per-example gradients for the white-box family.
 
     Layers that the features hold whole (at most ``width`` parameters) come from the features' own compiled
-    program: the rows are padded to the victims' chunk, so no program is compiled for them (on the default
-    run that saves the compilation of a gradient program); wider layers from :func:`grads.layer_grads`.
+    program: the rows are padded to the features' ``chunk``, so no program is compiled for them (on the
+    default run that saves the compilation of a gradient program); wider layers from :func:`grads.layer_grads`.
     """
-    from jaxleak.grads import default_chunk_size, layer_grads, sketch_grads
-
-    chunk = int(chunk_size) if chunk_size else default_chunk_size(task, sel, n_victims)
+    from jaxleak.grads import layer_grads, sketch_grads
 
     def gradients(xs, ys, names):
         whole = [name for name in names if task.layer(name).size <= width]
@@ -912,7 +910,7 @@ def v_information(
         raise InputError("the 'inversion' family needs the attacker's auxiliary data: pass aux=(...)")
     if white_box and not learned:
         raise InputError("the 'inversion' family competes with learned members; add 'linear' and/or 'mlp'")
-    from jaxleak.grads import sketch_grads
+    from jaxleak.grads import sketch_chunk_size, sketch_grads
 
     sel = task.select(layers)
     names = [layer.name for layer in sel]
@@ -922,10 +920,13 @@ def v_information(
         rows = sum(int(xs.shape[0]) for xs, _ in parts)
         width = feature_width(sizes.values(), rows, int(sketch_dim))
         used["width"] = width
+        # one chunk size for every part (sized for the largest): one compiled program
+        used["chunk"] = int(chunk_size) if chunk_size else sketch_chunk_size(
+            task, sel, width, parts[0][0], parts[0][1], max(int(xs.shape[0]) for xs, _ in parts))
         key = _fingerprint(task, parts, (width, int(sketch_dim)), seed, tuple(names))
         if _LAST_FEATURES.get("key") != key:  # one slot: a run's latent and input measures share the features
             _LAST_FEATURES.clear()
-            per_part = [sketch_grads(task, xs, ys, dim=width, seed=seed, chunk_size=chunk_size,
+            per_part = [sketch_grads(task, xs, ys, dim=width, seed=seed, chunk_size=used["chunk"],
                                      layers=layers, progress=progress) for xs, ys in parts]
             # one layer's parts at a time are held twice (popped as they are joined)
             arrays = [np.concatenate([np.asarray(f.pop(name)) for f in per_part]) for name in names]
@@ -956,8 +957,8 @@ def v_information(
                                         inversion_n=inversion_n, steps=inversion_steps,
                                         restarts=inversion_restarts, seed=seed, progress=progress,
                                         budget_s=None if budget is None else float(budget),
-                                        gradients=_exact_gradients(task, sel, layers, used["width"], seed,
-                                                                   chunk_size, x.shape[0]))
+                                        gradients=_exact_gradients(task, layers, used["width"], seed,
+                                                                   used["chunk"]))
     scores = _scores(names, fitted, seed=seed, n_boot=n_boot, reduced=reduced, sketch_dim=sketch_dim,
                      n_aux=n_aux, folds=folds, val_fraction=val_fraction, steps=steps, lr=lr, patience=patience,
                      white_box=chosen)

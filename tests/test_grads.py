@@ -524,7 +524,8 @@ def test_count_sketch_is_the_signed_bucket_sums():
 
 def test_sketches_are_one_program_with_the_per_layer_values():
     sizes = (3000, 40, 5000, 700)
-    layers = [Layer(f"l{i}", p, (i,), ((p,),), (f"l{i}",)) for i, p in enumerate(sizes)]
+    shapes = ((3000,), (40,), (50, 100), (7, 100))
+    layers = [Layer(f"l{i}", p, (i,), (s,), (f"l{i}",)) for i, (p, s) in enumerate(zip(sizes, shapes))]
     from jaxleak.compilation import count_compilations
 
     grads.make_sketches(layers, 64, 0)
@@ -536,17 +537,68 @@ def test_sketches_are_one_program_with_the_per_layer_values():
         if layer.size <= 64:
             assert sketches[layer.name] is None
             continue
-        kb, ks = jax.random.split(jax.random.fold_in(root, i))
-        np.testing.assert_array_equal(sketches[layer.name].buckets, jax.random.randint(kb, (layer.size,), 0, 64))
-        np.testing.assert_array_equal(sketches[layer.name].signs, jax.random.rademacher(ks, (layer.size,)))
-        assert sketches[layer.name].dim == 64
+        r, c = grads.matrix_view(layer)
+        assert (r, c) == ((1, 3000) if i == 0 else (50, 100) if i == 2 else (7, 100))
+        kr, ksr, kc, ksc = jax.random.split(jax.random.fold_in(root, i), 4)
+        h1, s1 = jax.random.randint(kr, (r,), 0, 64), jax.random.rademacher(ksr, (r,))
+        h2, s2 = jax.random.randint(kc, (c,), 0, 64), jax.random.rademacher(ksc, (c,))
+        sk = sketches[layer.name]
+        np.testing.assert_array_equal(sk.buckets, ((np.asarray(h1)[:, None] + np.asarray(h2)[None, :]) % 64).ravel())
+        np.testing.assert_array_equal(sk.signs, (np.asarray(s1)[:, None] * np.asarray(s2)[None, :]).ravel())
+        assert sk.dim == 64
 
 
-def test_sketch_grads_are_the_sketch_of_layer_grads(lenet):
+@pytest.mark.parametrize("rank", [1, 16])
+def test_tensor_sketch_is_unbiased_with_variance_near_the_count_sketch(rank):
+    """<S g, S g'> for gradients sum_m a_m ⊗ d_m: mean within 4 se of the exact inner product, variance at most
+    3x the closed-form variance of a count-sketch with independent buckets (Pham and Pagh: a constant factor)."""
+    rng = np.random.default_rng(rank)
+    r, c, dim, seeds = 121, 84, 256, 300
+    a, d = rng.normal(size=(2, rank, r)), rng.normal(size=(2, rank, c))
+    a[1], d[1] = 0.6 * a[0] + 0.8 * a[1], 0.6 * d[0] + 0.8 * d[1]
+    g = np.einsum("bmr,bmc->brc", a, d).reshape(2, -1)
+    layer = Layer("w", r * c, (0,), ((r, c),), ("w",))
+    est = []
+    for seed in range(seeds):
+        s = np.asarray(grads.apply_sketch(grads.make_sketches([layer], dim, seed)["w"], jnp.asarray(g, jnp.float32)),
+                       np.float64)
+        est.append(s[0] @ s[1])
+    est, exact = np.asarray(est), g[0] @ g[1]
+    var_cs = ((g[0] @ g[0]) * (g[1] @ g[1]) + exact ** 2 - 2 * np.sum(g[0] ** 2 * g[1] ** 2)) / dim
+    assert abs(est.mean() - exact) / np.sqrt(est.var(ddof=1) / seeds) < 4.0
+    assert est.var(ddof=1) / var_cs < 3.0, est.var(ddof=1) / var_cs
+
+
+@pytest.mark.parametrize("positions", [1, 5])
+def test_tensor_sketch_of_factors_is_the_sketch_of_the_formed_gradient(positions):
+    """tensor_sketch (FFTs of the factors' count-sketches) against apply_sketch of sum_m a_m ⊗ d_m, float64."""
+    jax.config.update("jax_enable_x64", True)
+    try:
+        rng = np.random.default_rng(positions)
+        b, r, c, dim = 3, 37, 11, 64
+        a, d = rng.normal(size=(b, positions, r)), rng.normal(size=(b, positions, c))
+        layer = Layer("w", r * c, (0,), ((r, c),), ("w",))
+        sk = grads.make_sketches([layer], dim, 5)["w"]
+        want = np.asarray(grads.apply_sketch(sk, jnp.asarray(np.einsum("bmr,bmc->brc", a, d).reshape(b, -1))))
+        got = np.asarray(grads.tensor_sketch(sk, jnp.asarray(a), jnp.asarray(d)))
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.max(np.abs(want)))
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.parametrize("route", ["auto", "form", "tensor"])
+def test_sketch_grads_are_the_sketch_of_layer_grads(lenet, route):
+    """Every route (the tensor sketch of the factors, the formed gradient's scatter, and the cost model's
+    choice per layer) gives the sketch of the exact per-example gradients."""
     task, x, y = lenet
     dim = 500
     full = grads.layer_grads(task, x, y)
-    sk = grads.sketch_grads(task, x, y, dim=dim, seed=3)
+    if route == "auto":
+        sk = grads.sketch_grads(task, x, y, dim=dim, seed=3)
+    else:
+        out = grads._compiled_sketch_grads(task, task.layers, dim, 3, route=route)(task.params, jnp.asarray(x),
+                                                                                  jnp.asarray(y))
+        sk = {k: np.asarray(v) for k, v in out.items()}
     sketches = grads.make_sketches(task.layers, dim, 3)
     for layer in task.layers:
         if layer.size <= dim:
@@ -558,6 +610,22 @@ def test_sketch_grads_are_the_sketch_of_layer_grads(lenet):
             np.testing.assert_allclose(sk[layer.name], want, rtol=1e-4, atol=1e-6 * np.max(np.abs(want)))
 
 
+def test_chunks_are_balanced_and_sized_from_factors(lenet):
+    assert grads.balanced_chunk(196, 256) == 128
+    assert grads.balanced_chunk(256, 822) == 206
+    assert grads.balanced_chunk(1000, 7) == 7 and grads.balanced_chunk(1, 5) == 1
+    task, x, y = lenet
+    shapes = grads.layer_shapes(task, task.layers, x, y)
+    sizes = {layer.name: layer.size for layer in task.layers}
+    for name, s in shapes.items():
+        assert s.size == sizes[name]
+        if s.factored:  # rows x cols is the layer's matrix view, the factors far smaller than the gradient here
+            assert s.rows * s.cols == s.size and (s.rows, s.cols) == grads.matrix_view(task.layer(name))
+    assert all(s.factored for s in shapes.values())
+    # the chunk holds factors and sketches, not sum_l P_l per example
+    assert grads.sketch_floats(shapes, 64) < sum(sizes.values())
+
+
 @pytest.mark.parametrize("model", ["lenet", "mlp", "resnet20"])
 def test_grad_norms_from_factors_are_the_norms_of_per_example_gradients(model):
     """The ghost norm of Dense/Conv layers (no per-example gradient formed) and the formed norm of the others
@@ -566,7 +634,6 @@ def test_grad_norms_from_factors_are_the_norms_of_per_example_gradients(model):
 
     ds = data.load("digits")
     task = Task.init(model, ds, seed=0)
-    assert gradnorm._factored_norms_fn(task, task.layers) is not None
     x, y = ds.x[:12], ds.y[:12]
     got = gradnorm.per_example_norms(task, x, y)
     full = grads.layer_grads(task, x, y)

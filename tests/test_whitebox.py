@@ -200,16 +200,15 @@ def test_white_box_reads_the_features_program_for_the_layers_it_holds_whole():
 
     ds = data.load("digits")
     task = Task.init("lenet", ds, seed=0)
-    sel = task.select(None)
     names = task.layer_names
     width = 1000  # Conv_0 (156) and Dense_2 (850) whole; the others sketched in the features
     whole = [name for name in names if task.layer(name).size <= width]
     assert 0 < len(whole) < len(names)
     grads.sketch_grads(task, ds.x[:40], ds.y[:40], dim=width, seed=0, chunk_size=16)  # the features' program
-    key = ("sketch_grads", tuple(names), width, 0)
+    key = ("sketch_grads", tuple(names), width, 0, "auto")
     traced = grads.TRACE_COUNTS[key]
     assert traced >= 1
-    gradients = _exact_gradients(task, sel, None, width, 0, 16, 40)
+    gradients = _exact_gradients(task, None, width, 0, 16)
     got = gradients(ds.x[50:57], ds.y[50:57], names)
     assert grads.TRACE_COUNTS[key] == traced  # the same program, not traced again
     want = grads.layer_grads(task, ds.x[50:57], ds.y[50:57])
