@@ -15,7 +15,10 @@ that owns each benchmark:
   split) against one member;
 - ``inversion`` (``inversion.py``): Inverting Gradients, 8 restarts against 1;
 - ``scaling`` (``scaling.py``): sketch_grads and sensitivity against the
-  number of examples and the model, one fresh process per point.
+  number of examples and the model, one fresh process per point;
+- ``floor`` (``floor.py``): every measure in batch gradients (CBG) for lenet
+  8x8x1 and 28x28x1, the CIFAR CNN, alexnet, resnet18 and vgg16, next to its
+  floor and the torch.func-then-sketch peer on the same card.
 
 The PyTorch peers run in this process when ``torch`` and ``opacus`` import
 (the ``bench`` extra): on CUDA when JAX runs on a GPU and torch has a CUDA
@@ -48,7 +51,7 @@ import types
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-SECTIONS = ("per_example", "sensitivity", "ensemble", "inversion", "scaling")
+SECTIONS = ("per_example", "sensitivity", "ensemble", "inversion", "scaling", "floor")
 
 
 def environment() -> dict:
@@ -198,6 +201,20 @@ def scaling(small: bool, reps: int, peer: dict) -> dict:
     return {"probes": 4, "points": points}
 
 
+def floor(small: bool, reps: int, peer: dict) -> dict:
+    import floor as floor_bench
+
+    out = {}
+    for name in (("lenet8", "lenet28") if small else floor_bench.MODELS):
+        batch, sens = ((4, 2) if small else (None, None))
+        res = floor_bench.bench_model(name, reps, peer["device"] is not None, name == "lenet8" and not small,
+                                      torch_device=peer["device"] or "cpu", batch=batch, sens_batch=sens)
+        out[name] = res
+        print(f"floor {name:10s} " + "  ".join(f"{k} {v:.2f}" for k, v in res["cbg"].items()), flush=True)
+    print(floor_bench.table(out), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny sizes: a smoke test in about a minute on a CPU")
@@ -230,7 +247,7 @@ def main(argv=None) -> int:
         record["note"] = (record.get("note", "") + "; " if backend == "cpu" else "") + (
             "--small: smoke-test sizes, XLA at optimisation level 0, one repetition: not a benchmark")
     funcs = {"per_example": per_example, "sensitivity": sensitivity, "ensemble": ensemble,
-             "inversion": inversion, "scaling": scaling}
+             "inversion": inversion, "scaling": scaling, "floor": floor}
     for name in sections:
         t0 = time.perf_counter()
         try:

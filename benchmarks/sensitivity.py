@@ -185,17 +185,17 @@ def bench_sensitivity(args) -> dict:
     # The same estimator through the plain jvp of the per-example gradient (no
     # activation/error route): a fresh task (own compile cache) built while
     # jaxleak cannot see the Linen layers.
-    from jaxleak import subspace
+    from jaxleak import grads as grads_lib
 
     plain_jvp = getattr(args, "plain_jvp", True)
     generic = Task(task.apply_fn, task.params, task.input_shape, name="lenet-generic")
-    seen = subspace.find_linears
-    subspace.find_linears = lambda t: {}
+    seen = grads_lib._dense_layer_factors, grads_lib._conv_layer_factors
+    grads_lib._dense_layer_factors = grads_lib._conv_layer_factors = lambda *a: None
     try:
         if plain_jvp:
             per_example_terms(generic, x, y, probes=args.probes, chunk_size=args.n)
     finally:
-        subspace.find_linears = seen
+        grads_lib._dense_layer_factors, grads_lib._conv_layer_factors = seen
 
     def run_hutch_generic():
         per_example_terms(generic, x, y, probes=args.probes, chunk_size=args.n)

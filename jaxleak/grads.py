@@ -561,7 +561,8 @@ class OuterFactors(NamedTuple):
         return self.d
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["x", "d"], meta_fields=["config", "bias"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["x", "d"],
+                   meta_fields=["config", "bias", "kernel"])
 @dataclasses.dataclass(frozen=True)
 class ConvFactors:
     """A Conv layer's per-example gradients in factored form: its input, its output cotangent and its geometry.
@@ -576,58 +577,71 @@ class ConvFactors:
     d: jax.Array
     config: tuple
     bias: bool
+    kernel: bool = True
 
     def rows(self, constant: float = 1.0) -> jax.Array:
         """The kernel-tap patches (B, M, R), with a ``constant`` column first for the bias (0 for a tangent)."""
-        size, strides, dil, padding = self.config
-        padded = jnp.pad(self.x, ((0, 0), *padding, (0, 0)))
-        views = _tap_views(padded, size, strides, dil, self.d.shape[1:-1])
         b, m = self.x.shape[0], int(np.prod(self.d.shape[1:-1]))
-        patches = jnp.stack(views, axis=-2).reshape(b, m, -1)
-        if self.bias:
-            patches = jnp.concatenate([jnp.full_like(patches[..., :1], constant), patches], axis=-1)
-        return patches
+        parts = [jnp.full((b, m, 1), constant, self.x.dtype)] if self.bias else []
+        if self.kernel:
+            size, strides, dil, padding = self.config
+            padded = jnp.pad(self.x, ((0, 0), *padding, (0, 0)))
+            views = _tap_views(padded, size, strides, dil, self.d.shape[1:-1])
+            parts.append(jnp.stack(views, axis=-2).reshape(b, m, -1))
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
     def errors(self) -> jax.Array:
         return self.d.reshape(self.d.shape[0], -1, self.d.shape[-1])
 
     def materialize(self) -> jax.Array:
         b = self.x.shape[0]
-        kernel = _conv_kernel_grads(self.x, self.d, self.config).reshape(b, -1)
-        if not self.bias:
-            return kernel
-        return jnp.concatenate([self.d.sum(axis=tuple(range(1, self.d.ndim - 1))), kernel], axis=1)
+        parts = [self.d.sum(axis=tuple(range(1, self.d.ndim - 1)))] if self.bias else []
+        if self.kernel:
+            parts.append(_conv_kernel_grads(self.x, self.d, self.config).reshape(b, -1))
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
+def _layer_parts(call: _Call, layer: Layer, subset: bool) -> tuple[bool, bool] | None:
+    """(bias, kernel): which of a Dense/Conv call's two tensors the layer holds, in the order ``task.flatten``
+    concatenates them (bias first), or None. ``subset=False`` asks for both (the whole module)."""
+    names = call.leaves
+    if "kernel" not in names or not set(names) <= {"bias", "kernel"}:
+        return None
+    want = [n for n in ("bias", "kernel") if n in names and names[n] in layer.leaves]
+    if not want or layer.leaves != tuple(names[n] for n in want):
+        return None
+    if not subset and want != ["bias", "kernel"]:
+        return None
+    return "bias" in want, "kernel" in want
 
 
 def _dense_layer_factors(call: _Call, leaves: list, layer: Layer, a: jax.Array,
-                         delta: jax.Array) -> OuterFactors | None:
+                         delta: jax.Array, subset: bool = False) -> OuterFactors | None:
     """A Dense layer's per-example gradients [bias, kernel] as :class:`OuterFactors`, or None.
 
     Prepending a constant 1 to the input makes row 0 of the outer product the
     bias gradient, so the layer vector is one outer product, with no concatenation.
+    ``subset``: a layer may hold the bias or the kernel alone (``granularity='tensor'``).
     """
-    names = call.leaves
-    if not _is_plain_dense(call, leaves, a) or set(names) != {"bias", "kernel"}:
-        return None
-    if layer.leaves != (names["bias"], names["kernel"]):
+    parts = _layer_parts(call, layer, subset)
+    if parts is None or not _is_plain_dense(call, leaves, a):
         return None
     a2 = a.reshape(a.shape[0], -1, a.shape[-1])
     d2 = delta.reshape(delta.shape[0], -1, delta.shape[-1])
-    return OuterFactors(jnp.concatenate([jnp.ones_like(a2[..., :1]), a2], axis=-1), d2)
+    rows = ([jnp.ones_like(a2[..., :1])] if parts[0] else []) + ([a2] if parts[1] else [])
+    return OuterFactors(rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=-1), d2)
 
 
 def _conv_layer_factors(call: _Call, leaves: list, layer: Layer, a: jax.Array,
                         delta: jax.Array) -> ConvFactors | None:
-    """A Conv layer's per-example gradients ([bias,] kernel) as :class:`ConvFactors`, or None."""
-    names = call.leaves
-    if "kernel" not in names or not set(names) <= {"bias", "kernel"}:
-        return None
-    if layer.leaves != tuple(names[n] for n in ("bias", "kernel") if n in names):
+    """A Conv layer's per-example gradients ([bias,] [kernel]) as :class:`ConvFactors`, or None."""
+    parts = _layer_parts(call, layer, True)
+    if parts is None:
         return None
     config = _conv_taps_config(call, leaves, a)
     if config is None:
         return None
-    return ConvFactors(a, delta, config, "bias" in names)
+    return ConvFactors(a, delta, config, *parts)
 
 
 def _fast_grad_fn(task: Task, layers: Sequence[Layer], factored: bool | str = False,
@@ -669,16 +683,21 @@ def _fast_grad_fn(task: Task, layers: Sequence[Layer], factored: bool | str = Fa
         if any(active):
             deltas, inputs = jax.grad(_fast_pooling(total_loss), has_aux=True)(eps)
             owners = collections.Counter(i for k, c in enumerate(plan) if active[k] for i in c.leaves.values())
-            by_leaves = {tuple(sorted(c.leaves.values())): k for k, c in enumerate(plan) if active[k]}
+            call_of = {i: k for k, c in enumerate(plan) if active[k] for i in c.leaves.values()}
+            subset = factored == "all"
             for layer in layers:
-                k = by_leaves.get(tuple(sorted(layer.leaves)))
-                if k is not None and all(owners[i] == 1 for i in layer.leaves):
-                    g = _dense_layer_factors(plan[k], leaves, layer, inputs[k], deltas[k])
-                    if g is None and factored == "all":
+                ks = {call_of.get(i) for i in layer.leaves}
+                if len(ks) == 1 and None not in ks and all(owners[i] == 1 for i in layer.leaves):
+                    k = ks.pop()
+                    g = _dense_layer_factors(plan[k], leaves, layer, inputs[k], deltas[k], subset)
+                    if g is None and subset:
                         g = _conv_layer_factors(plan[k], leaves, layer, inputs[k], deltas[k])
                     if g is not None:
                         flat[layer.name] = g if factored else g.materialize()
-                        active[k] = False
+            covered = {i for layer in layers if layer.name in flat for i in layer.leaves}
+            for k, c in enumerate(plan):  # a call whose every tensor is factored needs no module gradient
+                if active[k] and set(c.leaves.values()) <= covered:
+                    active[k] = False
             for k, call in enumerate(plan):
                 if not active[k]:
                     continue
@@ -989,10 +1008,14 @@ def matrix_view(layer: Layer) -> tuple[int, int]:
     return layer.size // c, c
 
 
+def _check_dim(dim) -> None:
+    if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
+        raise InputError(f"sketch dim must be a positive integer, got {dim!r}")
+
+
 def make_sketches(layers: Sequence[Layer], dim: int, seed: int) -> dict[str, CountSketch | None]:
     """One independent sketch per layer larger than ``dim`` (None for the others)."""
-    if not isinstance(dim, (int, np.integer)) or dim < 1:
-        raise InputError(f"sketch dim must be a positive integer, got {dim!r}")
+    _check_dim(dim)
     sketched = tuple((i, matrix_view(layer)) for i, layer in enumerate(layers) if layer.size > dim)
     arrays = dict(zip((i for i, _ in sketched), _sketch_arrays(sketched, int(dim), jax.random.key(seed))))
     return {layer.name: CountSketch(*arrays[i], dim=int(dim)) if i in arrays else None
@@ -1111,6 +1134,7 @@ def sketch_grads(task: Task, x, y, *, dim: int = 1024, seed: int = 0, chunk_size
     """
     x, y = task.check_inputs(x, y)
     sel = task.select(layers)
+    _check_dim(dim)
     chunk = (_check_chunk(chunk_size, x.shape[0]) if chunk_size
              else sketch_chunk_size(task, sel, int(dim), x, y))
     fn = _compiled_sketch_grads(task, sel, int(dim), int(seed))

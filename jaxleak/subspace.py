@@ -200,83 +200,7 @@ def subspace_distance_from_grams(gram, z, *, energy: float = 0.9, rank: int | No
                 null=null.tolist())
 
 
-# ---------------------------------------------------------------- Linen Dense/Conv capture
-
-@dataclasses.dataclass(frozen=True)
-class _Linear:
-    """A Linen Dense or Conv call whose gradient is sum_t a_t delta_t^T."""
-
-    path: str
-    kind: str                      # "dense" or "conv"
-    conv: tuple | None             # (kernel_size, strides, padding, input_dilation, kernel_dilation)
-    in_shape: tuple[int, ...]      # per example
-    out_shape: tuple[int, ...]
-
-
-def _module_path(module) -> str:
-    return "/".join(str(p) for p in module.path)
-
-
-def _conv_config(module):
-    """lax arguments of a plain nn.Conv, or None when its form is not supported here."""
-    from flax import linen as nn
-    from flax.linen.linear import canonicalize_padding
-
-    if type(module) is not nn.Conv or module.feature_group_count != 1 or module.mask is not None:
-        return None
-    if getattr(module, "conv_general_dilated", None) is not None:
-        return None
-    ks = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
-
-    def bc(v):
-        v = 1 if v is None else v
-        return (v,) * len(ks) if isinstance(v, int) else tuple(v)
-
-    padding = canonicalize_padding(module.padding, len(ks))
-    if isinstance(padding, str):
-        if padding not in ("SAME", "VALID", "SAME_LOWER"):
-            return None
-    else:
-        padding = tuple(tuple(p) for p in padding)
-    return (ks, bc(module.strides), padding, bc(module.input_dilation), bc(module.kernel_dilation))
-
-
-def find_linears(task: Task) -> dict[str, _Linear]:
-    """Linen Dense/Conv modules called exactly once by ``task.apply_fn``, by module path."""
-
-    def build():
-        from flax import linen as nn
-
-        calls: dict[str, list] = {}
-
-        def record(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            mod = context.module
-            if context.method_name == "__call__" and type(mod) in (nn.Dense, nn.Conv) and args:
-                kind = "dense" if type(mod) is nn.Dense else "conv"
-                conv = _conv_config(mod) if kind == "conv" else None
-                ok = kind == "dense" or conv is not None
-                calls.setdefault(_module_path(mod), []).append(
-                    (ok, kind, conv, tuple(args[0].shape[1:]), tuple(out.shape[1:])))
-            return out
-
-        def probe(params, x):
-            with nn.intercept_methods(record):
-                return task.apply_fn(params, x)
-
-        try:
-            jax.eval_shape(probe, task.params, jax.ShapeDtypeStruct((2, *task.input_shape), jnp.float32))
-        except Exception:  # noqa: BLE001 - not a Linen model the interceptor understands: use the fallback
-            return {}
-        found = {}
-        for path, cs in calls.items():
-            ok, kind, conv, ins, outs = cs[0]
-            if len(cs) == 1 and ok:
-                found[path] = _Linear(path, kind, conv, ins, outs)
-        return found
-
-    return task.cached(("linen_linears",), build)
-
+# ---------------------------------------------------------------- Grams from the factor engine
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
@@ -284,100 +208,27 @@ class _Plan:
 
     layer: Layer
     source: str                    # "activations/errors", "exact" or "sketch"
-    linear: _Linear | None = None
-    kernel: bool = False           # the layer holds the module's kernel
-    bias: bool = False             # ... and/or its bias
     route: str = ""                # "factored" or "outer" for activations/errors
     positions: int = 1             # T
     a_dim: int = 0                 # |a| (patch size, + 1 with bias)
     d_dim: int = 0                 # |delta| (output channels)
 
 
-def linear_plan(task: Task, layer: Layer, linears: dict[str, _Linear]) -> _Plan | None:
-    parents = {p.rsplit("/", 1)[0] if "/" in p else "" for p in layer.paths}
-    leaves = {p.rsplit("/", 1)[-1] for p in layer.paths}
-    if len(parents) != 1 or not leaves <= {"kernel", "bias"}:
-        return None
-    lin = linears.get(parents.pop())
-    if lin is None:
-        return None
-    shapes = dict(zip((p.rsplit("/", 1)[-1] for p in layer.paths), layer.shapes))
-    d = lin.out_shape[-1]
-    if lin.kind == "dense":
-        a = lin.in_shape[-1]
-        t = int(np.prod(lin.out_shape[:-1], dtype=np.int64))
-        expect_kernel = (a, d)
-    else:
-        ks = lin.conv[0]
-        a = int(np.prod(ks)) * lin.in_shape[-1]
-        t = int(np.prod(lin.out_shape[:-1], dtype=np.int64))
-        expect_kernel = (*ks, lin.in_shape[-1], d)
-    if "kernel" in shapes and tuple(shapes["kernel"]) != expect_kernel:
-        return None
-    if "bias" in shapes and tuple(shapes["bias"]) != (d,):
-        return None
-    a_dim = (a if "kernel" in leaves else 0) + (1 if "bias" in leaves else 0)
-    route = "factored" if t * t * (a_dim + d) <= a_dim * d else "outer"
-    return _Plan(layer, "activations/errors", lin, "kernel" in leaves, "bias" in leaves, route, t, a_dim, d)
-
-
-def input_rows(plan: _Plan, inputs: jax.Array, constant: float = 1.0) -> jax.Array:
-    """Input rows a_t of each example (B, T, |a|), with a ``constant`` column for the bias.
-
-    The rows are linear in ``inputs``, so the rows of a tangent are ``input_rows(plan, tangent, 0.0)``.
-    """
-    b = inputs.shape[0]
-    parts = []
-    if plan.kernel:
-        if plan.linear.kind == "dense":
-            parts.append(inputs.reshape(b, plan.positions, -1))
-        else:
-            ks, strides, padding, lhs_dil, rhs_dil = plan.linear.conv
-            nd = len(ks)
-            spatial = "HWD"[:nd] if nd <= 3 else None
-            spec = f"N{spatial}C"
-            patches = jax.lax.conv_general_dilated_patches(
-                inputs, ks, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
-                dimension_numbers=(spec, f"{spatial}IO", spec))
-            parts.append(patches.reshape(b, plan.positions, -1))
-    if plan.bias:
-        parts.append(jnp.full((b, plan.positions, 1), constant, inputs.dtype))
-    return jnp.concatenate(parts, axis=-1)
-
-
-def activations_and_errors_fn(task: Task, linears: Sequence[_Linear]) -> Callable:
-    """Pure ``(params, x (B, ...), y (B,)) -> (inputs, errors)``, dicts keyed by module path.
-
-    ``inputs[p]`` is what module p received, ``errors[p]`` = d(sum_i loss_i)/d(output of p),
-    which is each example's own back-propagated error because examples do not
-    interact. Differentiable in x.
-    """
-    from flax import linen as nn
-
-    by_path = {lin.path: lin for lin in linears}
-
-    def run(params, x, y, eps):
-        inputs = {}
-
-        def intercept(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            if context.method_name == "__call__":
-                path = _module_path(context.module)
-                if path in eps:
-                    inputs[path] = args[0]
-                    out = out + eps[path]
-            return out
-
-        with nn.intercept_methods(intercept):
-            logits = task.apply_fn(params, x)
-        return jnp.sum(task.loss_fn(logits, y)), inputs
-
-    def fn(params, x, y):
-        eps = {p: jnp.zeros((x.shape[0], *lin.out_shape), x.dtype) for p, lin in by_path.items()}
-        errors, inputs = jax.grad(run, argnums=3, has_aux=True)(params, x, y, eps)
-        return inputs, errors
-
-    return fn
+def linear_plans(task: Task, layers: Sequence[Layer], x, y) -> list[_Plan | None]:
+    """Per layer, the plan of its Gram from factors (inputs and back-propagated errors, from the factor engine
+    :func:`jaxleak.grads.per_example_grad_fn`), or None for a layer with no factored form. ``factored``: the
+    T x T products of rows and errors; ``outer``: the summed outer products (a x d per example)."""
+    shapes = _grads.layer_shapes(task, layers, x, y)
+    plans = []
+    for layer in layers:
+        s = shapes[layer.name]
+        if not s.factored:
+            plans.append(None)
+            continue
+        t, a, d = s.positions, s.rows, s.cols
+        route = "factored" if t * t * (a + d) <= a * d else "outer"
+        plans.append(_Plan(layer, "activations/errors", route, t, a, d))
+    return plans
 
 
 def _features_fn(task: Task, items: Sequence[tuple[_Plan, int, int]]) -> Callable:
@@ -390,16 +241,16 @@ def _features_fn(task: Task, items: Sequence[tuple[_Plan, int, int]]) -> Callabl
     key = ("subspace_features", tuple((plan.layer.name, lo, hi) for plan, lo, hi in items))
 
     def build():
-        capture = activations_and_errors_fn(task, list({plan.linear.path: plan.linear for plan, _, _ in items}.values()))
+        layers = list({plan.layer.name: plan.layer for plan, _, _ in items}.values())
+        per_example = _grads.per_example_grad_fn(task, layers, factored="all")
 
         def traced(params, x, y):
             _grads.TRACE_COUNTS[key] += 1
-            inputs, deltas = capture(params, x, y)
+            factors = per_example(params, x, y)
             out = {}
             for plan, lo, hi in items:
-                a = input_rows(plan, inputs[plan.linear.path])
-                d = deltas[plan.linear.path].reshape(x.shape[0], plan.positions, -1)[..., lo:hi]
                 name = plan.layer.name
+                a, d = factors[name].rows(), factors[name].errors()[..., lo:hi]
                 if plan.route == "factored":
                     out[f"a/{name}"], out[f"d/{name}"] = a, d
                 else:
@@ -490,15 +341,13 @@ def _passes(plans: Sequence[_Plan], n: int) -> list[list[tuple[_Plan, int, int]]
     return passes
 
 
-def _pass_chunk(task: Task, items, n: int) -> int:
-    """Examples per compiled call: keeps intermediates of one call near 2^25 floats."""
+def _pass_chunk(items, acts: int, n: int) -> int:
+    """Examples per compiled call: a pass's features and intermediates, and the model's activations
+    (``acts`` floats per example, the factored layers' inputs and outputs), near 2^25 floats."""
     per_example = 0
     for plan, lo, hi in items:
         per_example += plan.positions * (plan.a_dim + plan.d_dim) + plan.a_dim * (hi - lo)
-    acts = sum(int(np.prod(lin.in_shape)) + int(np.prod(lin.out_shape)) for lin in find_linears(task).values())
-    per_example += 3 * acts + task.num_params // 64
-    floats, cap = _grads.chunk_limits(_grads._CHUNK_FLOATS)
-    return int(max(1, min(n, cap, floats // max(1, per_example))))
+    return _grads.factor_chunk_size(per_example + 3 * acts, n)
 
 
 def _fill_chunks(fn: Callable, params, x: np.ndarray, y: np.ndarray, chunk: int,
@@ -540,20 +389,20 @@ def layer_grams(task: Task, x, y, *, layers: Sequence[str] | None = None, chunk_
     x, y = task.check_inputs(x, y)
     n = x.shape[0]
     sel = task.select(layers)
-    linears = find_linears(task)
     plans = []
-    for layer in sel:
-        plan = linear_plan(task, layer, linears)
+    for layer, plan in zip(sel, linear_plans(task, sel, x, y)):
         if plan is not None and plan.route == "outer" and n * layer.size > _OUTER_FLOATS:
             plan = _Plan(layer, "sketch")
         if plan is None:
             plan = _Plan(layer, "exact" if n * layer.size <= _HOST_FLOATS else "sketch")
         plans.append(plan)
     grams: dict[str, np.ndarray] = {}
-    linear_plans = [p for p in plans if p.source == "activations/errors"]
-    for items in _passes(linear_plans, n):
+    factored_plans = [p for p in plans if p.source == "activations/errors"]
+    if factored_plans:
+        acts = sum(s.floats for s in _grads.layer_shapes(task, task.layers, x, y).values() if s.factored)
+    for items in _passes(factored_plans, n):
         fn = _features_fn(task, items)
-        chunk = _grads._check_chunk(chunk_size, n) if chunk_size else _pass_chunk(task, items, n)
+        chunk = _grads._check_chunk(chunk_size, n) if chunk_size else _pass_chunk(items, acts, n)
         feats = _fill_chunks(fn, task.params, x, y, chunk, progress)
         _grads.check_finite(feats, "activation or error")
         factored = [plan for plan, _, _ in items if plan.route == "factored"]  # whole layers, one pass each

@@ -32,7 +32,7 @@ def test_gpu_suite_small_writes_every_section(tmp_path):
     assert record["peers"]["device"] in (None, "cpu")
 
     sections = record["sections"]
-    assert set(sections) == {"per_example", "sensitivity", "ensemble", "inversion", "scaling"}
+    assert set(sections) == {"per_example", "sensitivity", "ensemble", "inversion", "scaling", "floor"}
     assert not [k for k, v in sections.items() if "error" in v]
     assert set(sections["per_example"]) == {"lenet", "cifar_cnn", "resnet18"}
     for config in sections["per_example"].values():
@@ -45,3 +45,9 @@ def test_gpu_suite_small_writes_every_section(tmp_path):
     assert all(case["cost_8_vs_1_restart"] > 0 for case in sections["inversion"].values())
     (point,) = sections["scaling"]["points"]
     assert point["sketch_grads"]["examples_per_s"] > 0 and point["sensitivity"]["examples_per_s"] > 0
+    assert set(sections["floor"]) == {"lenet8", "lenet28"}
+    for model in sections["floor"].values():
+        assert {"sketch_grads", "grad_norm", "grams", "sensitivity", "sensitivity_floor"} <= set(model["cbg"])
+        assert all(v > 0 for v in model["cbg"].values()) and set(model["goals"]) >= {"sketch_grads", "sensitivity"}
+        assert ("torch_sketch" in model["cbg"]) == (record["peers"]["device"] is not None
+                                                    and model["model"] == "lenet" and model["input_shape"][0] == 28)

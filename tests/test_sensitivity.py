@@ -206,10 +206,13 @@ def test_bad_arguments(lenet, digits, kwargs, match):
 def test_activation_route_matches_generic_jvp(lenet, digits, monkeypatch):
     x, y = digits.x[:12], digits.y[:12]
     fast = sensitivity(lenet, x, y, probes=8, seed=4)
-    from jaxleak import subspace
+    from test_subspace import _no_factored_forms
 
-    monkeypatch.setattr(subspace, "find_linears", lambda task: {})
+    _no_factored_forms(monkeypatch)
     plain = Task(lenet.apply_fn, lenet.params, lenet.input_shape, name="plain")  # fresh compile cache
+    from jaxleak import grads
+
+    assert not any(s.factored for s in grads.layer_shapes(plain, plain.layers, x, y).values())
     generic = sensitivity(plain, x, y, probes=8, seed=4)
     for name in lenet.layer_names:
         assert generic[name].value == pytest.approx(fast[name].value, rel=1e-4)

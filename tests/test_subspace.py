@@ -141,12 +141,20 @@ def test_grams_from_activations_and_errors_are_exact(digits, granularity):
         np.testing.assert_allclose(grams[name], ref[name], rtol=1e-4, atol=1e-6 * np.abs(ref[name]).max())
 
 
+def _no_factored_forms(monkeypatch):
+    """The factor engine without Dense/Conv factors: every layer's per-example gradient is formed."""
+    from jaxleak import grads
+
+    monkeypatch.setattr(grads, "_dense_layer_factors", lambda *args: None)
+    monkeypatch.setattr(grads, "_conv_layer_factors", lambda *args: None)
+
+
 def test_grams_split_into_channel_blocks_and_sketches(digits, monkeypatch):
     task = Task.init("lenet", digits, seed=1)
     x, y = digits.x[:9], digits.y[:9]
     ref = _reference_grams(task, x, y)
     monkeypatch.setattr(subspace, "_HOST_FLOATS", 9 * 2000)
-    plans = [subspace.linear_plan(task, layer, subspace.find_linears(task)) for layer in task.layers]
+    plans = subspace.linear_plans(task, task.layers, x, y)
     passes = subspace._passes(plans, 9)
     blocks = [(plan.layer.name, lo, hi) for items in passes for plan, lo, hi in items]
     conv1 = [b[1:] for b in blocks if b[0] == "Conv_1"]
@@ -164,8 +172,7 @@ def test_grams_split_into_channel_blocks_and_sketches(digits, monkeypatch):
     big = max(task.layer_names, key=lambda name: task.layer(name).size)
     monkeypatch.setattr(subspace, "_OUTER_FLOATS", 9 * task.layer(big).size - 1)
     grams_b, sources_b = layer_grams(task, x, y)
-    for name in task.layer_names:
-        plan = subspace.linear_plan(task, task.layer(name), subspace.find_linears(task))
+    for name, plan in zip(task.layer_names, subspace.linear_plans(task, task.layers, x, y)):
         assert sources_b[name] == ("sketch" if plan.route == "outer" and task.layer(name).size >= task.layer(big).size
                                    else "activations/errors"), name
     np.testing.assert_allclose(np.diag(grams_b[big]), np.diag(ref[big]), rtol=0.2)
@@ -173,7 +180,7 @@ def test_grams_split_into_channel_blocks_and_sketches(digits, monkeypatch):
     monkeypatch.setattr(subspace, "_HOST_FLOATS", 9 * 2000)
     # a model the interceptor cannot see: small layers exact, large ones sketched
     opaque = Task(task.apply_fn, task.params, task.input_shape, name="opaque")
-    monkeypatch.setattr(subspace, "find_linears", lambda t: {})
+    _no_factored_forms(monkeypatch)
     monkeypatch.setattr(subspace, "_HOST_FLOATS", 9 * 1000)
     grams, sources = layer_grams(opaque, x, y)
     for name in task.layer_names:
