@@ -168,6 +168,13 @@ def _gram_features(task, x, y):
     return out
 
 
+def _seconds(fn) -> float:
+    fn()
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def _interleaved(methods: dict, reps: int) -> dict[str, float]:
     for fn in methods.values():  # compile and warm up
         fn()
@@ -214,6 +221,8 @@ def bench_model(name: str, reps: int, peers: bool, heavy: bool, *, torch_device:
         "sensitivity_floor": lambda: floor(xsj, ysj, probes),
         "sensitivity": lambda: per_example_terms(task, xs, ys, probes=PROBES),
     }
+    if _seconds(main["batch_grad"]) < 0.1:  # a small model's batch gradient: more rounds for a steady median
+        reps = 3 * reps
     t_main = _interleaved(main, reps)
     t_sens = _interleaved(sens, reps)
     per_ex = t_main["batch_grad"] / batch
@@ -236,6 +245,7 @@ def bench_model(name: str, reps: int, peers: bool, heavy: bool, *, torch_device:
     if heavy:
         result["heavy"] = bench_heavy(task, shape, per_ex)
     result["goals"] = _goals(result)
+    result["machine"] = machine_info()
     return result
 
 
@@ -300,12 +310,15 @@ def main(argv=None) -> int:
     p.add_argument("--heavy", default="lenet8", help="models that also price V-information and inversion ('' for none)")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--merge", action="store_true", help="keep the other models' results already in --out")
     args = p.parse_args(argv)
     names = [m for m in args.models.split(",") if m]
     unknown = [m for m in names if m not in MODELS]
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
     peers = not args.no_peers
+    # PyTorch's OpenMP threads would otherwise spin after each of its calls and slow the JAX call timed next
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if peers:
         try:
             import torch
@@ -323,7 +336,10 @@ def main(argv=None) -> int:
 
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"floor_{jax.default_backend()}.json")
-    record = {"machine": machine_info(), "results": results}
+    if args.merge and os.path.exists(out):
+        with open(out) as fh:
+            results = {**json.load(fh)["results"], **results}
+    record = {"machine": machine_info(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "results": results}
     tmp = out + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(record, fh, indent=1)
