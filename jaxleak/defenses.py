@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxleak.errors import InputError, UnknownNameError
-from jaxleak.grads import TRACE_COUNTS, check_finite, client_batches, map_chunks, per_example_grad_fn
+from jaxleak.grads import (TRACE_COUNTS, check_finite, client_batches, map_chunks, mean_loss_grad,
+                           per_example_grad_fn)
 from jaxleak.task import Layer, Task
 
 Grads = Mapping[str, jax.Array]
@@ -351,7 +352,7 @@ def batch_gradient_fn(task: Task, defense: Defense | None) -> Callable:
     ``task.train_apply_fn``.
     """
     _check_defense(defense)
-    grad_mean = jax.grad(task.loss)
+    grad_mean = mean_loss_grad(task.loss)
     per_example_grads = per_example_grad_fn(task, task.layers)
 
     def fn(params, x, y, key):

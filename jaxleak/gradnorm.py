@@ -82,9 +82,12 @@ def grad_norms(task: Task, x, y, **options) -> LayerScores:
 
     Extras: ``params`` (P_l), ``sd`` (spread over examples), ``rms`` (sqrt of
     the mean squared norm). Not a leakage measure; the scale against which the
-    relative sensitivity is normalised.
+    relative sensitivity is normalised. ``meta.gradients`` names the layers
+    computed from their factors and those whose per-example gradients were formed.
     """
     norms = per_example_norms(task, x, y, **options)
+    sel = task.select(options.get("layers"))
+    gradients = grads.factor_report(task, sel, *task.check_inputs(x, y))
     sizes = {layer.name: layer.size for layer in task.layers}
     scores = {}
     for name, v in norms.items():
@@ -93,4 +96,5 @@ def grad_norms(task: Task, x, y, **options) -> LayerScores:
         half = 1.96 * sd / np.sqrt(v.size)
         scores[name] = Score(mean, (mean - half, mean + half),
                              {"params": sizes[name], "sd": sd, "rms": float(np.sqrt(np.mean(v ** 2)))})
-    return LayerScores("grad_norm", scores, unit="L2 norm of the loss gradient", meta={"n": int(len(next(iter(norms.values()))))})
+    meta = {"n": int(len(next(iter(norms.values())))), "gradients": gradients}
+    return LayerScores("grad_norm", scores, unit="L2 norm of the loss gradient", meta=meta)

@@ -135,6 +135,15 @@ def layer_shapes(task: Task, layers: Sequence[Layer], x, y) -> dict[str, LayerSh
     return task.cached(key, build)
 
 
+def factor_report(task: Task, layers: Sequence[Layer], x, y) -> dict[str, list[str]]:
+    """For a measure's ``meta``: which layers the factor engine gave as factors (Dense/Conv: inputs and output
+    cotangents, no per-example gradient formed) and which had their per-example gradients formed (the
+    module's own vector-Jacobian product per example, or ``vmap(grad)``)."""
+    shapes = layer_shapes(task, layers, x, y)
+    return {"from_factors": [n for n, s in shapes.items() if s.factored],
+            "formed": [n for n, s in shapes.items() if not s.factored]}
+
+
 def factor_chunk_size(per_example_floats: int, n: int) -> int:
     """Examples per chunk when one example needs ``per_example_floats`` floats live, balanced over ``n``
     (:func:`balanced_chunk`); the budget is :func:`chunk_limits` of ``_CHUNK_FLOATS``."""
@@ -1189,6 +1198,13 @@ def client_batches(n: int, *, batch_size: int, num_updates: int, seed: int = 0) 
     return np.asarray(jax.vmap(members)(keys, victims), dtype=np.int64)
 
 
+def mean_loss_grad(loss: Callable) -> Callable:
+    """``jax.grad(loss)`` (in its first argument) with non-overlapping max pooling differentiated as in the factor
+    engine (:func:`_fast_pooling`: the first maximum of a window), so that second derivatives through a client's
+    update agree with those of the per-example gradients where a window holds a tie (constant image regions)."""
+    return jax.grad(_fast_pooling(loss))
+
+
 def local_sgd_update(grad_loss: Callable, params, x, y, lr, local_steps: int):
     """The client update (W0 - W_K) / (K lr) of K local SGD steps on (x, y): exactly the mean of the K gradients."""
 
@@ -1209,7 +1225,7 @@ def _compiled_updates(task: Task, layers: Sequence[Layer], local_steps: int, ske
 
     def build():
         sketches = make_sketches(layers, sketch_dim, sketch_seed) if sketch_dim else {}
-        grad_loss = jax.grad(task.loss)
+        grad_loss = mean_loss_grad(task.loss)
 
         def one_update(params, lr, xb, yb):
             return task.flatten(local_sgd_update(grad_loss, params, xb, yb, lr, local_steps), layers)

@@ -369,6 +369,8 @@ def sensitivity(task: Task, x, y, *, method: str = "hutchinson", probes: int = d
         "ci": "95%, delta method over examples (probe noise included); probe_ci: probes only, given the examples",
         "surrogate": method == "ones",
     }
+    if method == "hutchinson":
+        meta["gradients"] = _grads.factor_report(task, task.select(layers), *task.check_inputs(x, y))
     if method == "ones":
         meta["note"] = ("GradDefense surrogate ||J_l^T 1||, not the sensitivity measure; "
                         "identically zero on the last layer under softmax cross-entropy")

@@ -242,7 +242,7 @@ def update_fn(task: Task, defense: defenses_lib.Defense | None, local_steps: int
         def step(carry, k):
             p, acc = carry
             key = jax.random.fold_in(rng, k)
-            g = jax.grad(dropout_loss)(p, xb, yb, key) if dropout else step_grad(p, xb, yb, key)
+            g = grads_lib.mean_loss_grad(dropout_loss)(p, xb, yb, key) if dropout else step_grad(p, xb, yb, key)
             p = jax.tree.map(lambda w, gw: w - lr * gw, p, g)
             return (p, jax.tree.map(jnp.add, acc, g)), None
 

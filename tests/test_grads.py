@@ -638,5 +638,9 @@ def test_grad_norms_from_factors_are_the_norms_of_per_example_gradients(model):
     got = gradnorm.per_example_norms(task, x, y)
     full = grads.layer_grads(task, x, y)
     assert list(got) == list(full)
+    report = gradnorm.grad_norms(task, x, y).meta["gradients"]
+    assert sorted(report["from_factors"] + report["formed"]) == sorted(full)
+    # Dense/Conv (a kernel) from factors; normalisation layers (scale and bias) formed
+    assert report["formed"] == [n for n in full if not any(p.endswith("kernel") for p in task.layer(n).paths)]
     for name, g in full.items():
         np.testing.assert_allclose(got[name], np.linalg.norm(g.astype(np.float64), axis=1), rtol=5e-6, err_msg=name)

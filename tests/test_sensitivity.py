@@ -228,6 +228,8 @@ def test_mixed_layers_hutchinson_vs_exact(digits):
     exact = sensitivity(task, x, y, method="exact")
     hutch = sensitivity(task, x, y, probes=64, seed=1)
     assert any("GroupNorm" in n for n in task.layer_names)
+    # one linearised pass: Dense/Conv from their factors, the GroupNorm's per-example gradient formed
+    assert hutch.meta["gradients"]["formed"] == [n for n in task.layer_names if "GroupNorm" in n]
     for name in task.layer_names:
         assert abs(hutch[name].value - exact[name].value) / exact[name].value < 0.10, name
         assert hutch[name]["probe_ci"][0] <= exact[name].value <= hutch[name]["probe_ci"][1], name
