@@ -175,7 +175,8 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t
 
 
-def _interleaved(methods: dict, reps: int) -> dict[str, float]:
+def interleaved_times(methods: dict, reps: int) -> dict[str, list[float]]:
+    """Seconds of each method in each of ``reps`` rounds, each method once per round, after one warm-up call."""
     for fn in methods.values():  # compile and warm up
         fn()
     times = {k: [] for k in methods}
@@ -184,7 +185,12 @@ def _interleaved(methods: dict, reps: int) -> dict[str, float]:
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved(methods: dict, reps: int) -> dict[str, float]:
+    """Median seconds of each method over :func:`interleaved_times`."""
+    return {k: statistics.median(v) for k, v in interleaved_times(methods, reps).items()}
 
 
 def bench_model(name: str, reps: int, peers: bool, heavy: bool, *, torch_device: str = "cpu",
@@ -223,8 +229,8 @@ def bench_model(name: str, reps: int, peers: bool, heavy: bool, *, torch_device:
     }
     if _seconds(main["batch_grad"]) < 0.1:  # a small model's batch gradient: more rounds for a steady median
         reps = 3 * reps
-    t_main = _interleaved(main, reps)
-    t_sens = _interleaved(sens, reps)
+    t_main = interleaved(main, reps)
+    t_sens = interleaved(sens, reps)
     per_ex = t_main["batch_grad"] / batch
     cbg = {k: t / batch / per_ex for k, t in t_main.items()}
     per_ex_s = t_sens["batch_grad"] / sens_batch

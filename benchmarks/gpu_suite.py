@@ -132,6 +132,7 @@ def sensitivity(small: bool, reps: int, peer: dict) -> dict:
 def ensemble(small: bool, reps: int, peer: dict) -> dict:
     import statistics
 
+    import floor as floor_bench
     import vinfo_ensemble as vb
 
     from jaxleak import ensemble as ens
@@ -142,14 +143,7 @@ def ensemble(small: bool, reps: int, peer: dict) -> dict:
     members = [ens.Member("linear", wd, 0) for wd in vb.WEIGHT_DECAYS]
     runs = {"ensemble_64": lambda: vb.run_ensemble(x, y, split, members, steps),
             "one_member": lambda: vb.run_ensemble(x[:1], y, split, members[:1], steps)}
-    for fn in runs.values():
-        fn()
-    times = {k: [] for k in runs}
-    for _ in range(reps):
-        for k, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+    times = floor_bench.interleaved_times(runs, reps)
     med = {k: statistics.median(v) for k, v in times.items()}
     res = {"layers": vb.LAYERS, "configurations": vb.CONFIGS, "examples": n, "victims": victims, "folds": folds,
            "features": width, "steps": steps,

@@ -63,12 +63,7 @@ def _norms_fn(task: Task, layers):
 
     def norm(g):
         if isinstance(g, (grads.OuterFactors, grads.ConvFactors)):
-            a, e = g.rows(), g.errors()
-            t, na, nd = a.shape[1], a.shape[2], e.shape[2]
-            if t * (na + nd) <= na * nd:
-                gram = jnp.einsum("bsa,bta->bst", a, a) * jnp.einsum("bsd,btd->bst", e, e)
-                return jnp.sqrt(jnp.maximum(jnp.sum(gram, axis=(1, 2)), 0.0))
-            g = g.materialize()  # a Conv layer's from its input's tap views, no patch matrix
+            return jnp.sqrt(jnp.maximum(grads.factored_sq_norms(g), 0.0))
         return jnp.linalg.norm(g, axis=1)
 
     def fn(params, xb, yb):

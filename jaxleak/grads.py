@@ -626,6 +626,17 @@ def _layer_parts(call: _Call, layer: Layer, subset: bool) -> tuple[bool, bool] |
     return "bias" in want, "kernel" in want
 
 
+def factored_sq_norms(g: OuterFactors | ConvFactors) -> jax.Array:
+    """||g_b||^2 per example (B,) of a factored gradient without forming it where that is cheaper (the ghost
+    norm, sum_st (A A^T)_st (E E^T)_st over T output positions); otherwise from the formed gradient (a Conv
+    layer's from its input's tap views, no patch matrix)."""
+    a, e = g.rows(), g.errors()
+    t, na, nd = a.shape[1], a.shape[2], e.shape[2]
+    if t * (na + nd) <= na * nd:
+        return jnp.sum(jnp.einsum("bsa,bta->bst", a, a) * jnp.einsum("bsd,btd->bst", e, e), axis=(1, 2))
+    return jnp.sum(jnp.square(g.materialize()), axis=1)
+
+
 def _dense_layer_factors(call: _Call, leaves: list, layer: Layer, a: jax.Array,
                          delta: jax.Array, subset: bool = False) -> OuterFactors | None:
     """A Dense layer's per-example gradients [bias, kernel] as :class:`OuterFactors`, or None.
@@ -1056,15 +1067,17 @@ def apply_sketch(sketch: CountSketch | None, g: jax.Array) -> jax.Array:
     """
     if sketch is None:
         return g
-    out = jnp.zeros((sketch.dim, g.shape[0]), g.dtype)
-    return out.at[sketch.buckets].add((g * sketch.signs.astype(g.dtype)).T).T
+    return _scatter_rows((g * sketch.signs.astype(g.dtype)).T, sketch.buckets, sketch.dim).T
+
+
+def _scatter_rows(rows: jax.Array, buckets: jax.Array, dim: int) -> jax.Array:
+    """(K, N) -> (dim, N): row k added to row ``buckets[k]``; each coordinate's N values are one contiguous row."""
+    return jnp.zeros((dim, rows.shape[1]), rows.dtype).at[buckets].add(rows)
 
 
 def _count_sketch_rows(v: jax.Array, buckets: jax.Array, signs: jax.Array, dim: int) -> jax.Array:
     """Count-sketch of the last axis of ``v`` (..., K) -> (dim, prod(...)), laid out for a leading-axis scatter."""
-    k = v.shape[-1]
-    flat = (v * signs.astype(v.dtype)).reshape(-1, k).T
-    return jnp.zeros((dim, flat.shape[1]), v.dtype).at[buckets].add(flat)
+    return _scatter_rows((v * signs.astype(v.dtype)).reshape(-1, v.shape[-1]).T, buckets, dim)
 
 
 def tensor_sketch(sketch: CountSketch, a: jax.Array, d: jax.Array) -> jax.Array:
@@ -1087,7 +1100,7 @@ def formed_sketch(sketch: CountSketch, a: jax.Array, d: jax.Array) -> jax.Array:
     (R, C, B), so each parameter's B values are one contiguous row of the scatter (no transpose, no sign pass)."""
     b = a.shape[0]
     g = jnp.einsum("bmr,bmc->rcb", a * sketch.row_signs.astype(a.dtype), d * sketch.col_signs.astype(d.dtype))
-    return jnp.zeros((sketch.dim, b), a.dtype).at[sketch.buckets].add(g.reshape(-1, b)).T
+    return _scatter_rows(g.reshape(-1, b), sketch.buckets, sketch.dim).T
 
 
 # Cost per example of the two ways to sketch a factored layer, in ns on the 2-core CPU (fitted on Dense and

@@ -72,15 +72,6 @@ def _sq(a: jax.Array, start: int) -> jax.Array:
     return jnp.sum(jnp.square(a), axis=tuple(range(start, a.ndim)))
 
 
-def _gram_frob2(a: jax.Array, e: jax.Array) -> jax.Array:
-    """||A^T E||_F^2 per example for A (B, T, a), E (B, T, d), by the cheaper route:
-    sum_st (A A^T)_st (E E^T)_st, or forming A^T E."""
-    t, na, nd = a.shape[-2], a.shape[-1], e.shape[-1]
-    if t * (na + nd) <= na * nd:
-        return jnp.sum(jnp.einsum("bsa,bta->bst", a, a) * jnp.einsum("bsd,btd->bst", e, e), axis=(1, 2))
-    return _sq(jnp.einsum("bta,btd->bad", a, e), 1)
-
-
 def _jv_frob2(a, e, da, de) -> jax.Array:
     """||dA^T E + A^T dE||_F^2 (B, K) for A (B, T, a), E (B, T, d) and tangents dA (K, B, T, a), dE (K, B, T, d).
 
@@ -130,7 +121,7 @@ def _hutchinson_fn(task: Task, layers: Sequence[Layer], probes: int) -> Callable
                 da = jax.vmap(lambda t: t.rows(0.0))(dg[name])                    # (K, B, T, a)
                 de = jax.vmap(lambda t: t.errors())(dg[name])                     # (K, B, T, d)
                 out[f"sq/{name}"] = _jv_frob2(a, e, da, de)
-                out[f"g2/{name}"] = _gram_frob2(a, e)
+                out[f"g2/{name}"] = _grads.factored_sq_norms(gl)
             else:
                 out[f"sq/{name}"] = _sq(dg[name], 2).T
                 out[f"g2/{name}"] = _sq(gl, 1)
