@@ -18,7 +18,7 @@ SKETCH_DIM = 1024
 # Host memory (float32 values) for the per-example gradients V-information reads, all layers and rows: layers
 # that fit come back whole, wider ones count-sketched to the width that fills it (vinfo.feature_width).
 FEATURE_FLOATS = 2 ** 26
-# V-information ensemble: full-batch Adam steps, early-stopping patience, folds of the attacker's
+# V-information ensemble: full-batch Adam steps of the MLP members, early-stopping patience, folds of the attacker's
 # cross-validation (or of cross-fitting without auxiliary data), bootstrap resamples (at least).
 VINFO_STEPS = 150
 VINFO_PATIENCE = 50

@@ -7,6 +7,9 @@ in one jitted computation: the parameters of a family carry leading axes
 ``(layers, folds, members)`` and one loss, the sum of the members'
 independent objectives, is differentiated once per step, so each member gets
 exactly its own gradient and Adam (element-wise) treats it on its own.
+Linear members are not trained step by step but solved: ridge decoders in
+closed form, linear classifiers by L-BFGS with an exact line search, all
+members of a layer in one loop.
 
 Data layout: features ``(L, N, W)`` (every layer brought to a common width W
 by the caller) and boolean masks ``(F, N)`` that say, per fold, which
@@ -63,9 +66,9 @@ def make_members(family: Sequence[str] = FAMILIES, weight_decays: Sequence[float
                  seeds: int = 2, hidden: int = 32, seed: int = 0) -> list[Member]:
     """The members of an ensemble, grouped by family in the order of ``family``.
 
-    Linear members start from zero (the ignorant predictor) and train
-    full-batch on a convex loss, so seeds would give identical copies: the
-    linear family has one member per weight decay. The MLP family (one hidden
+    Linear members are solved to the minimiser of a convex objective, so
+    seeds would give identical copies: the linear family has one member per
+    weight decay. The MLP family (one hidden
     ReLU layer of width ``hidden``) has one member per weight decay and seed,
     seeds ``seed, seed + 1, ..., seed + seeds - 1``.
     """
@@ -209,7 +212,8 @@ class EnsembleFit(NamedTuple):
         nats, or half the mean squared error per dimension of the standardised
         target), the criterion of selection.
       best_step: (L, F, M) the step whose parameters were kept (``CLOSED_FORM``
-        for linear decoders, which are solved exactly).
+        for linear decoders, solved exactly; ``SOLVED`` for linear
+        classifiers, solved to their minimiser by L-BFGS).
       member_test_loss: (L, F, M) mean held-out loss of every member, for
         diagnostics only (selection never reads it).
       chosen: (L, F) index of the member chosen in each fold (lowest
@@ -233,7 +237,10 @@ class EnsembleFit(NamedTuple):
         than asked when every layer stopped: none of its members improved
         for ``patience`` steps).
       layer_steps: (L,) the optimisation steps each layer trained (0 where
-        every member was solved in closed form).
+        every member was solved: in closed form or by the solver).
+      solver_iterations: (L, F, M') classification: the L-BFGS iterations
+        each linear member took to reach the tolerance (M' linear members;
+        ``SOLVER_MAX_ITER`` where it stopped there); else None.
       mix: (L, F) classification: weight of the prior in the held-out
         prediction ``(1 - mix) p_member + mix p_prior``, chosen on validation
         rows from ``MIX_WEIGHTS``.
@@ -277,6 +284,7 @@ class EnsembleFit(NamedTuple):
     constant_columns: np.ndarray | None = None
     member_pred: np.ndarray | None = None
     layer_steps: np.ndarray | None = None
+    solver_iterations: np.ndarray | None = None
 
     def decode(self, pred: np.ndarray) -> np.ndarray:
         """(N, r) principal-component coefficients -> (N, D) reconstructions (identity when not reduced)."""
@@ -544,6 +552,134 @@ def _score(best_params: dict, best_val: dict, data: dict, spec: _Spec):
 
 
 _score_jit = compilation.jit(_score, key="ensemble_score", static_argnames=("spec",))
+
+# ---------------------------------------------------------------- linear classifiers, solved
+
+# A linear classifier is solved to the minimiser of its objective: L-BFGS (optax's ``scale_by_lbfgs``) with an
+# exact line search, stopped when every entry of the member's gradient is at most SOLVER_TOL (scikit-learn's
+# lbfgs criterion on the same objective) or after SOLVER_MAX_ITER iterations.
+SOLVER_TOL = 1e-4
+SOLVER_MAX_ITER = 100
+# Newton steps of the exact line search (safeguarded by bisection; the objective is convex along the line).
+_LINE_STEPS = 4
+# best_step of a linear classifier solved to its minimiser (no path of steps to select from)
+SOLVED = -2
+
+
+def _class_terms(z, t):
+    """Per-example loss, d loss / d logits and the curvature form of logits z (N, F, M, K) for labels t (N, F, 1).
+
+    K = 1: binary logistic loss of the logit of class 1; K > 1: softmax cross-entropy. Returns (loss
+    (N, F, M), residual (N, F, M, K), curvature(a) -> a' H a (N, F, M) for logit directions a).
+    """
+    if z.shape[-1] == 1:
+        zz = z[..., 0]
+        t1 = t.astype(z.dtype)
+        p = jax.nn.sigmoid(zz)
+        h = p * (1.0 - p)
+        return jax.nn.softplus(zz) - t1 * zz, (p - t1)[..., None], lambda a: h * jnp.square(a[..., 0])
+    logp = jax.nn.log_softmax(z, axis=-1)
+    p = jnp.exp(logp)
+    onehot = jax.nn.one_hot(t, z.shape[-1], dtype=z.dtype)
+    loss = -jnp.sum(onehot * logp, axis=-1)
+    return loss, p - onehot, lambda a: jnp.sum(p * jnp.square(a), -1) - jnp.square(jnp.sum(p * a, -1))
+
+
+def _line_search(z, a, labels, train, n_tr, wd, w_dot_d, d_sq, active):
+    """Per member, the step t >= 0 minimising its objective along a direction d (a: d's change of the logits).
+
+    phi(t) = mean over training rows of loss(z + t a) + wd / 2 ||w + t d||^2, with w_dot_d = <w, d> and
+    d_sq = ||d||^2 (F, M). Safeguarded Newton from t = 1 (the quasi-Newton step): a Newton step that leaves
+    the bracket [lo, hi] of the minimum is replaced by bisection, or by quadrupling while no upper end is
+    known. Members not ``active`` take t = 0.
+    """
+    def step(_, c):
+        t, lo, hi = c
+        _, r, curv = _class_terms(z + t[..., None] * a, labels)
+        d1 = jnp.sum(jnp.where(train, jnp.sum(r * a, -1), 0.0), 0) / n_tr + wd * (w_dot_d + t * d_sq)
+        d2 = jnp.sum(jnp.where(train, curv(a), 0.0), 0) / n_tr + wd * d_sq
+        lo = jnp.where(d1 < 0, t, lo)
+        hi = jnp.where(d1 < 0, hi, t)
+        newton = t - d1 / jnp.maximum(d2, 1e-30)
+        fallback = jnp.where(jnp.isfinite(hi), 0.5 * (lo + hi), 4.0 * jnp.maximum(t, lo))
+        return jnp.where((newton > lo) & (newton < hi), newton, fallback), lo, hi
+
+    ones = jnp.ones(w_dot_d.shape, z.dtype)
+    t, _, _ = jax.lax.fori_loop(0, _LINE_STEPS, step, (ones, 0.0 * ones, jnp.inf * ones))
+    return jnp.where(active, t, 0.0)
+
+
+def _solve_linear(data: dict, b0, max_iter, tol):
+    """Every linear classifier (L, F, M) solved to the minimiser of its objective.
+
+    Per layer (one after the other, as the training segments), all folds and weight decays together.
+    A member's logits z = s(x) w + b over all rows are carried along (laid out (N, F, M, K), rows first), so
+    an iteration costs two plain matrix products with the features for every member at once: the gradient
+    x' r and the direction's change of the logits x d. Returns parameters {"w": (L, F, M, W, K), "b": (L, F, M, K)}, validation
+    losses (L, F, M) and the iterations each member took (L, F, M).
+    """
+    TRACE_COUNTS["ensemble_solve"] += 1
+    lbfgs = optax.scale_by_lbfgs()
+    init, update = jax.vmap(jax.vmap(lbfgs.init)), jax.vmap(jax.vmap(lbfgs.update))  # per member (F, M)
+    wd = data["wd"]["linear"][None, :]  # (1, M)
+    labels = data["t_train"].T[:, :, None]  # (N, F, 1)
+    train, val = data["train"].T[:, :, None], data["val"].T[:, :, None]
+    n_tr = jnp.maximum(jnp.sum(train, 0), 1).astype(jnp.float32)  # (F, 1)
+    num_m, k = wd.shape[1], b0.shape[-1]
+
+    def layer(args):
+        x, xt, mu, inv_sd = args  # (N, W), (W, N), (F, W), (F, W)
+        n, (num_f, width) = x.shape[0], mu.shape
+
+        def logits_change(dw, db):  # s(x) dw + db for every member: (N, F, M, K)
+            v = dw * inv_sd[:, None, :, None]  # (F, M, W, K)
+            xv = x @ jnp.transpose(v, (2, 0, 1, 3)).reshape(width, -1)
+            return xv.reshape(n, num_f, num_m, k) + (db - jnp.einsum("fw,fmwk->fmk", mu, v))[None]
+
+        def gradient(w, z):
+            _, r, _ = _class_terms(z, labels)
+            r = jnp.where(train[..., None], r, 0.0) / n_tr[..., None]  # (N, F, M, K)
+            r_sum = jnp.sum(r, 0)
+            xr = jnp.transpose((xt @ r.reshape(n, -1)).reshape(width, num_f, num_m, k), (1, 2, 0, 3))
+            xr = (xr - mu[:, None, :, None] * r_sum[:, :, None]) * inv_sd[:, None, :, None]
+            return {"w": xr + wd[..., None, None] * w, "b": r_sum}
+
+        def gmax(g):
+            return jnp.maximum(jnp.max(jnp.abs(g["w"]), axis=(2, 3)), jnp.max(jnp.abs(g["b"]), axis=2))
+
+        def cond(c):  # some member's gradient above the tolerance, iterations left
+            return (c[5] < max_iter) & jnp.any(c[4] > tol)
+
+        def body(c):
+            p, z, s, g, gm, it, iters = c
+            active = gm > tol  # (F, M)
+            u, s_new = update(g, s, p)
+            d = jax.tree.map(jnp.negative, u)
+            a = logits_change(d["w"], d["b"])
+            t = _line_search(z, a, labels, train, n_tr, wd, jnp.sum(p["w"] * d["w"], (2, 3)),
+                             jnp.sum(jnp.square(d["w"]), (2, 3)), active)
+            p = {"w": p["w"] + t[..., None, None] * d["w"], "b": p["b"] + t[..., None] * d["b"]}
+            z = z + t[..., None] * a
+            s = jax.tree.map(lambda new, old: jnp.where(
+                active.reshape(active.shape + (1,) * (new.ndim - 2)), new, old), s_new, s)
+            g = gradient(p["w"], z)
+            return p, z, s, g, gmax(g), it + 1, iters + active.astype(jnp.int32)
+
+        b = jnp.broadcast_to(b0[:, None, :], (num_f, num_m, k)).astype(jnp.float32)
+        p0 = {"w": jnp.zeros((num_f, num_m, width, k), jnp.float32), "b": b}
+        z0 = jnp.broadcast_to(b[None], (n, num_f, num_m, k))
+        g0 = gradient(p0["w"], z0)
+        start = (p0, z0, init(p0), g0, gmax(g0), jnp.int32(0), jnp.zeros((num_f, num_m), jnp.int32))
+        p, z, _, _, _, _, iters = jax.lax.while_loop(cond, body, start)
+        loss, _, _ = _class_terms(z, labels)
+        val_loss = jnp.sum(jnp.where(val, loss, 0.0), 0) / jnp.maximum(jnp.sum(val, 0), 1)
+        return p, val_loss, iters
+
+    return jax.lax.map(layer, (data["x"], data["xt"], data["mu"], data["inv_sd"]))
+
+
+# an optimisation loop: XLA's default (slower-compiling, faster) emitters, as the training segments
+_solve_linear_jit = compilation.jit(_solve_linear, key="ensemble_solve", fast_compile=False)
 
 # ---------------------------------------------------------------- set-up on the host
 
@@ -907,8 +1043,10 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
 
     Linear decoders (regression) are solved in closed form (:func:`_ridge`,
     the exact minimiser of their objective for each weight decay; their
-    ``best_step`` is ``CLOSED_FORM``); linear classifiers and MLPs train by
-    full-batch Adam.
+    ``best_step`` is ``CLOSED_FORM``); linear classifiers are solved to the
+    minimiser of theirs by L-BFGS with an exact line search
+    (:func:`_solve_linear`, to scikit-learn's gradient tolerance; ``SOLVED``);
+    MLPs train by full-batch Adam, keeping each member's best validated step.
 
     Selection: per layer and fold, the member (and its step) with the lowest
     validation loss. It is always a trained model, never the ignorant
@@ -964,8 +1102,9 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     names = [f for f, _, _ in families]
     projected = "mlp" in names and mlp_input_width(mlp_features, width) is not None
     closed_form = kind == REGRESSION and "linear" in names  # ridge: solved exactly, not trained
-    trained = [f for f in families if not (closed_form and f[0] == "linear")]
-    reads_x = any(f[0] == "linear" or not projected for f in trained)
+    solved = kind == CLASSIFICATION and "linear" in names  # logistic: solved by L-BFGS, not trained
+    trained = [f for f in families if f[0] != "linear"]
+    reads_x = solved or any(not projected for f in trained)
 
     # host arrays; each piece below receives them once as device arrays
     data = {"x": x, "mu": mu, "inv_sd": inv_sd, "train": np.asarray(split.train), "val": np.asarray(split.val),
@@ -992,16 +1131,27 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     done = 0
     best_params, best_val, best_step = {}, {}, {}
     layer_steps = np.zeros(num_l, np.int64)
+    solver_iterations = None
+    train_data = _training_rows(data, keep.any(axis=0))
+    if solved:
+        solve_data = {name: train_data[name] for name in ("x", "xt", "mu", "inv_sd", "t_train", "train", "val")}
+        solve_data["wd"] = {"linear": data["wd"]["linear"]}
+        params, val, iters = _solve_linear_jit(jax.device_put(solve_data), np.asarray(targets.b0, np.float32),
+                                               np.int32(SOLVER_MAX_ITER), np.float32(SOLVER_TOL))
+        best_params["linear"], best_val["linear"] = params, val
+        best_step["linear"] = np.full(shape(data["wd"]["linear"].size), SOLVED, np.int32)
+        solver_iterations = np.asarray(iters, np.int64)
     if trained:
-        params = _init_params(train_spec, [mem for mem in members if not (closed_form and mem.family == "linear")],
+        params = _init_params(train_spec, [mem for mem in members if mem.family != "linear"],
                               (num_l, num_f), in_widths, k, targets.b0)
         state = _init_state_jit(params, num_l)
-        train_data = _training_rows(data, keep.any(axis=0))
-        if not reads_x:
-            del train_data["x"]
+        if projected:  # the MLP members read principal components only
+            train_data = {key: value for key, value in train_data.items() if key not in ("x", "xt")}
         state, done = _train(state, jax.device_put(train_data), train_spec, int(steps),
                              int(segment or max(10, steps // 20)), patience, progress)
-        best_params, best_val, best_step = dict(state.best_params), dict(state.best_val), dict(state.best_step)
+        best_params.update(state.best_params)
+        best_val.update(state.best_val)
+        best_step.update(state.best_step)
         layer_steps = np.asarray(state.step, np.int64)
     if closed_form:
         wds = np.asarray([mem.weight_decay for mem in members if mem.family == "linear"], np.float64)
@@ -1010,7 +1160,8 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
         best_step["linear"] = np.full(shape(wds.size), CLOSED_FORM, np.int32)
     scoring = {key: value for key, value in data.items() if key not in ("xt", "zt")}  # transposes train only
     fit = _select_and_score(best_params, best_val, best_step, scoring, spec, split, members, targets, done)
-    return fit._replace(constant_columns=constant_columns, layer_steps=layer_steps)
+    return fit._replace(constant_columns=constant_columns, layer_steps=layer_steps,
+                        solver_iterations=solver_iterations)
 
 
 def _init_state(params: dict, num_layers: int) -> _State:

@@ -284,9 +284,9 @@ def _chosen_members(fit: ensemble.EnsembleFit, layer: int) -> tuple[str, list[st
             steps.append(None)
         else:
             step = int(fit.best_step[layer, f, m])
-            names.append(("ridge (closed form) " + fit.members[m].describe()) if step == ensemble.CLOSED_FORM
-                         else fit.members[m].describe())
-            steps.append(None if step == ensemble.CLOSED_FORM else step)
+            prefix = {ensemble.CLOSED_FORM: "ridge (closed form) ", ensemble.SOLVED: "logistic (solved) "}
+            names.append(prefix.get(step, "") + fit.members[m].describe())
+            steps.append(None if step in prefix else step)
     best = Counter(names).most_common(1)[0][0]
     return best, names, steps
 
@@ -721,10 +721,12 @@ def v_information_from_features(
         family needs a model: :func:`v_information`.)
       weight_decays: L2 penalties lambda (objective: mean NLL + lambda/2 ||W||^2
         on standardised features); ``seeds`` MLP initialisations each.
-      steps, lr, patience: full-batch Adam budget (cosine-decayed learning
-        rate), and early stopping of the whole ensemble once no member has
-        improved for ``patience`` steps; each member keeps its best
-        validated parameters after at least one update.
+      steps, lr, patience: the MLP members' full-batch Adam budget
+        (cosine-decayed learning rate), and early stopping of a layer once
+        none of its members has improved for ``patience`` steps; each member
+        keeps its best validated parameters after at least one update.
+        (Linear members are solved, not trained: ridge in closed form,
+        classifiers by L-BFGS.)
       n_boot: bootstrap resamples for the 95% interval.
       target_dim: a reconstruction target with more dimensions than this
         (e.g. a 32x32x3 image) is decoded in the span of the training

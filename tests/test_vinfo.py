@@ -84,8 +84,8 @@ def test_shuffled_labels_ci_includes_zero_and_no_retrace(logistic, logistic_scor
         scores = v_information_from_features(features, shuffled, family=("linear",), seed=0, **FAST)
         for name, s in scores.items():
             assert s.ci[0] <= 0.0 <= s.ci[1], (seed, name, s.value, s.ci)
-    # Same shapes and members: the ensemble is not traced again.
-    assert TRACE_COUNTS["ensemble_segment"] == before["ensemble_segment"]
+    # Same shapes and members: the ensemble (linear members: the solver) is not traced again.
+    assert TRACE_COUNTS["ensemble_solve"] == before["ensemble_solve"] > 0
     assert TRACE_COUNTS["ensemble_score"] == before["ensemble_score"]
 
 
@@ -164,14 +164,21 @@ def test_a_layer_trains_as_long_as_its_own_members_improve():
     y = (signal @ rng.normal(size=width) + 0.3 * rng.normal(size=n_v + n_a) > 0).astype(np.int32)
     noise = rng.normal(size=(n_v + n_a, width)).astype(np.float32)
     split = ensemble.attacker_split(n_v, n_a, 3, seed=0, strata=y[n_v:])
-    members = ensemble.make_members(("linear",), (1e-3, 1e-2), seeds=1)
-    kw = dict(kind="classification", num_classes=2, steps=120, lr=0.002, patience=20, segment=10)
+    members = ensemble.make_members(("mlp",), (1e-3, 1e-2), seeds=1, hidden=4)
+    kw = dict(kind="classification", num_classes=2, steps=120, lr=0.02, patience=20, segment=10)
     both = ensemble.fit_ensemble(np.stack([noise, signal]), y, split, members, **kw)
     assert both.layer_steps[1] == 120 and both.layer_steps[0] < 120, both.layer_steps  # noise stops early
     assert both.steps_run == 120
     alone = ensemble.fit_ensemble(np.stack([noise, noise]), y, split, members, **kw)
     assert alone.layer_steps[0] == both.layer_steps[0]
     for field in ("best_step", "val_loss", "chosen", "heldout_loss"):
+        np.testing.assert_allclose(getattr(alone, field)[0], getattr(both, field)[0], rtol=1e-5, atol=1e-7)
+    # solved linear members: a layer's iterations and solution do not depend on the layer beside it
+    linear = ensemble.make_members(("linear",), (1e-3, 1e-2))
+    both = ensemble.fit_ensemble(np.stack([noise, signal]), y, split, linear, **kw)
+    alone = ensemble.fit_ensemble(np.stack([noise, noise]), y, split, linear, **kw)
+    np.testing.assert_array_equal(alone.solver_iterations[0], both.solver_iterations[0])
+    for field in ("val_loss", "chosen", "heldout_loss"):
         np.testing.assert_allclose(getattr(alone, field)[0], getattr(both, field)[0], rtol=1e-5, atol=1e-7)
 
 
@@ -733,6 +740,37 @@ def test_linear_decoders_are_the_exact_ridge_solution():
                 np.testing.assert_allclose(pred, ref.predict(s), rtol=1e-4, atol=1e-4)
                 ref_val = 0.5 * np.mean(np.square(ref.predict(s[split.val[f]]) - t[0, split.val[f]]))
                 assert val[0, f, m] == pytest.approx(ref_val, rel=1e-4)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_linear_classifiers_are_scikit_learns_logistic_regression(classes):
+    """Solved linear classifiers equal scikit-learn's LogisticRegression (lbfgs, tight tolerance, C = 1 / (wd n))
+    on each fold's standardised training rows: held-out class probabilities of every member and fold, and
+    validation losses; binary with one logit, three classes with a softmax over three."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(5)
+    n, w = 240, 12
+    x = rng.normal(size=(1, n, w)).astype(np.float32) * rng.uniform(0.5, 3.0, size=w).astype(np.float32)
+    logits = x[0] @ rng.normal(size=(w, classes)) * 0.5
+    y = np.argmax(logits + rng.gumbel(size=logits.shape), axis=1).astype(np.int32)
+    split = ensemble.cross_fit_split(n, 3, seed=2)
+    wds = (1e-2, 1e-1)
+    fit = ensemble.fit_ensemble(x, y, split, ensemble.make_members(("linear",), wds), kind="classification",
+                                num_classes=classes)
+    assert np.all(fit.best_step == ensemble.SOLVED)
+    assert np.all((fit.solver_iterations > 0) & (fit.solver_iterations < ensemble.SOLVER_MAX_ITER))
+    mu, inv_sd = ensemble._fold_standardisation(x, split.train | split.val)
+    for f in range(3):
+        s = (x[0].astype(np.float64) - mu[0, f]) * inv_sd[0, f]
+        tr, va = split.train[f], split.val[f]
+        held = fit.fold_of == f
+        for m, wd in enumerate(wds):
+            ref = LogisticRegression(C=1.0 / (wd * tr.sum()), tol=1e-10, max_iter=10_000).fit(s[tr], y[tr])
+            np.testing.assert_allclose(fit.member_pred[0, m, held], ref.predict_proba(s[fit.rows[held]]),
+                                       atol=2e-3)
+            ref_val = -np.mean(np.log(ref.predict_proba(s[va])[np.arange(va.sum()), y[va]]))
+            assert fit.val_loss[0, f, m] == pytest.approx(ref_val, rel=1e-3)
 
 
 def test_mlp_features_are_the_folds_principal_components():
