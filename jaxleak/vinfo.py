@@ -610,6 +610,11 @@ def _scores(names: list[str], fitted: _Fitted, *, seed: int, n_boot: int, reduce
         "steps_run": int(fit.steps_run), "lr": float(lr), "mlp_features": fitted.mlp_features, "patience": patience,
         "sketch_dim": int(sketch_dim),
         "seed": int(seed),
+        **({"solver_iterations": {name: int(fit.solver_iterations[i].max()) for i, name in enumerate(names)},
+            "solver": f"linear classifiers: L-BFGS with an exact line search to max |gradient| <= "
+                      f"{ensemble.SOLVER_TOL:g} (solver_iterations: the most any member of a layer took, "
+                      f"at most {ensemble.SOLVER_MAX_ITER})"}
+           if fit.solver_iterations is not None else {}),
         "ci": f"95% percentile bootstrap over the scored examples ({resamples} resamples, the same for every "
               f"layer)",
         "p_value": "one-sided bootstrap p-value of a positive gain, (1 + #{resampled gain <= 0}) / (B + 1)",
@@ -964,6 +969,9 @@ def v_information(
     scores = _scores(names, fitted, seed=seed, n_boot=n_boot, reduced=reduced, sketch_dim=sketch_dim,
                      n_aux=n_aux, folds=folds, val_fraction=val_fraction, steps=steps, lr=lr, patience=patience,
                      white_box=chosen)
+    from jaxleak.grads import factor_report
+
+    scores.meta["gradients"] = factor_report(task, sel, *task.check_inputs(x, y))
     if info is not None:
         scores.meta["inversion"] = info
         if info["skipped"]:

@@ -603,6 +603,10 @@ def test_a_model_layer_is_read_whole_within_the_budget_and_sketched_beyond_it(di
     sizes = {layer.name: layer.size for layer in task.layers}
     wide = [name for name, p in sizes.items() if p > 64]
     assert wide and whole.meta["reduced_layers"] == wide and whole.meta["sketched_layers"] == []
+    # the mlp's Dense layers come from the factor engine; linear members are solved, their iterations named
+    assert whole.meta["gradients"] == {"from_factors": task.layer_names, "formed": []}
+    assert set(whole.meta["solver_iterations"]) == set(task.layer_names)
+    assert all(0 < it <= ensemble.SOLVER_MAX_ITER for it in whole.meta["solver_iterations"].values())
     full = layer_grads(task, ds.x, ds.y)
     for name in wide:
         r = whole[name]["reduced"]
