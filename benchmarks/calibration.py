@@ -313,7 +313,7 @@ def main():
 
     # 2. power and 3. stability
     power, stable = [], []
-    for index in args.planted:
+    for index in args.planted if args.power_replicates > 0 else ():  # 0: a null-only run
         part, same = power_layer(args, index, bar)
         power.append(part)
         stable += same
@@ -339,14 +339,14 @@ def main():
         "null": null_part,
         "power": power,
         "power_goal_met": power[0]["pooled_goal_met"] if power else None,
-        "stability": stability_part,
+        "stability": stability_part if power else None,
         "wall_seconds": time.time() - started,
         "machine": machine_info(),
         "note": args.note,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(result, f, indent=2, default=float)
+        json.dump(result, f, indent=2, default=float, allow_nan=False)
 
     print(f"null ({args.replicates} replicates): V-information family-wise {fmt(vi_fw)}; "
           f"subspace distance {fmt(sd_fw)}  (goal <= 0.05: {null_part['vinfo_goal_met']} / "
@@ -365,7 +365,8 @@ def main():
                   f"jaxleak {lv['mean_jaxleak_accuracy']:.3f}")
         print(f"  pooled detected | found: {fmt(part['pooled_detected_given_found'])} "
               f"(goal >= 0.95: {part['pooled_goal_met']}); same top {fmt(part['same_top'])}; {part['seconds']:.0f} s")
-    print(f"top-layer stability: {fmt(stability)} (goal >= 0.90: {stability_part['goal_met']})")
+    if power:
+        print(f"top-layer stability: {fmt(stability)} (goal >= 0.90: {stability_part['goal_met']})")
     print(f"wall {result['wall_seconds']:.1f} s (null {null_part['seconds']:.1f}); wrote {args.out}")
 
 
