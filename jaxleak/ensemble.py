@@ -609,19 +609,19 @@ def _line_search(z, a, labels, train, n_tr, wd, w_dot_d, d_sq, active):
     return jnp.where(active, t, 0.0)
 
 
-def _solve_linear(data: dict, b0, max_iter, tol):
-    """Every linear classifier (L, F, M) solved to the minimiser of its objective.
+def _solve_linear(data: dict, wd, b0, max_iter, tol):
+    """Every linear classifier (L, F, M) solved to the minimiser of its objective, for weight decays wd (M,).
 
     Per layer (one after the other, as the training segments), all folds and weight decays together.
     A member's logits z = s(x) w + b over all rows are carried along (laid out (N, F, M, K), rows first), so
     an iteration costs two plain matrix products with the features for every member at once: the gradient
-    x' r and the direction's change of the logits x d. Returns parameters {"w": (L, F, M, W, K), "b": (L, F, M, K)}, validation
-    losses (L, F, M) and the iterations each member took (L, F, M).
+    x' r and the direction's change of the logits x d. Returns parameters {"w": (L, F, M, W, K),
+    "b": (L, F, M, K)}, validation losses (L, F, M) and the iterations each member took (L, F, M).
     """
     TRACE_COUNTS["ensemble_solve"] += 1
     lbfgs = optax.scale_by_lbfgs()
     init, update = jax.vmap(jax.vmap(lbfgs.init)), jax.vmap(jax.vmap(lbfgs.update))  # per member (F, M)
-    wd = data["wd"]["linear"][None, :]  # (1, M)
+    wd = wd[None, :]  # (1, M)
     labels = data["t_train"].T[:, :, None]  # (N, F, 1)
     train, val = data["train"].T[:, :, None], data["val"].T[:, :, None]
     n_tr = jnp.maximum(jnp.sum(train, 0), 1).astype(jnp.float32)  # (F, 1)
@@ -1104,7 +1104,7 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     closed_form = kind == REGRESSION and "linear" in names  # ridge: solved exactly, not trained
     solved = kind == CLASSIFICATION and "linear" in names  # logistic: solved by L-BFGS, not trained
     trained = [f for f in families if f[0] != "linear"]
-    reads_x = solved or any(not projected for f in trained)
+    reads_x = solved or (bool(trained) and not projected)
 
     # host arrays; each piece below receives them once as device arrays
     data = {"x": x, "mu": mu, "inv_sd": inv_sd, "train": np.asarray(split.train), "val": np.asarray(split.val),
@@ -1135,9 +1135,9 @@ def fit_ensemble(features: np.ndarray, target: np.ndarray, split: Split, members
     train_data = _training_rows(data, keep.any(axis=0))
     if solved:
         solve_data = {name: train_data[name] for name in ("x", "xt", "mu", "inv_sd", "t_train", "train", "val")}
-        solve_data["wd"] = {"linear": data["wd"]["linear"]}
-        params, val, iters = _solve_linear_jit(jax.device_put(solve_data), np.asarray(targets.b0, np.float32),
-                                               np.int32(SOLVER_MAX_ITER), np.float32(SOLVER_TOL))
+        params, val, iters = _solve_linear_jit(jax.device_put(solve_data), data["wd"]["linear"],
+                                               np.asarray(targets.b0, np.float32), np.int32(SOLVER_MAX_ITER),
+                                               np.float32(SOLVER_TOL))
         best_params["linear"], best_val["linear"] = params, val
         best_step["linear"] = np.full(shape(data["wd"]["linear"].size), SOLVED, np.int32)
         solver_iterations = np.asarray(iters, np.int64)

@@ -917,7 +917,7 @@ def v_information(
         raise InputError("the 'inversion' family needs the attacker's auxiliary data: pass aux=(...)")
     if white_box and not learned:
         raise InputError("the 'inversion' family competes with learned members; add 'linear' and/or 'mlp'")
-    from jaxleak.grads import sketch_chunk_size, sketch_grads
+    from jaxleak.grads import factor_report, sketch_chunk_size, sketch_grads
 
     sel = task.select(layers)
     names = [layer.name for layer in sel]
@@ -969,9 +969,7 @@ def v_information(
     scores = _scores(names, fitted, seed=seed, n_boot=n_boot, reduced=reduced, sketch_dim=sketch_dim,
                      n_aux=n_aux, folds=folds, val_fraction=val_fraction, steps=steps, lr=lr, patience=patience,
                      white_box=chosen)
-    from jaxleak.grads import factor_report
-
-    scores.meta["gradients"] = factor_report(task, sel, *task.check_inputs(x, y))
+    scores.meta["gradients"] = factor_report(task, sel, x, y)
     if info is not None:
         scores.meta["inversion"] = info
         if info["skipped"]:
